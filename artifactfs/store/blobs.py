@@ -1,0 +1,212 @@
+"""The data directory on disk: the lock, staging files and blobs.
+
+Layout::
+
+    DATA/lock                 flock'ed by the owning process; holds its pid
+    DATA/meta.db              the metadata database (schema.py)
+    DATA/staging/<session>    bytes of an upload session, written in place
+    DATA/blobs/<id[:2]>/<id>  committed bytes, named by a random id, never by key
+
+A commit hard-links the staging file into blobs/ before the database points at it, and unlinks
+the staging name after: a crash between any two steps leaves either an orphan blob (removed at
+start-up) or a staging file with its session (resumable), never a row without its bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import StoreLocked, from_os_error
+
+HASH_CHUNK = 1 << 20
+
+
+class DataDir:
+    """Paths and file operations of one data directory. Holds no metadata."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = root / "blobs"
+        self.staging = root / "staging"
+        self.db_path = root / "meta.db"
+        self._lock_fd: int | None = None
+
+    # --- ownership -------------------------------------------------------------------------
+
+    def acquire(self) -> None:
+        """Create the layout and take the lock, or raise StoreLocked naming the owner."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.blobs.mkdir(exist_ok=True)
+        self.staging.mkdir(exist_ok=True)
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreLocked(
+                f"data directory {self.root} is in use by another artifactfs process"
+                f" (pid {owner}); stop it or use another --data directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing drops the flock
+            self._lock_fd = None
+
+    # --- names -----------------------------------------------------------------------------
+
+    @staticmethod
+    def new_blob_id() -> str:
+        return uuid.uuid4().hex
+
+    def blob_path(self, blob_id: str) -> Path:
+        return self.blobs / blob_id[:2] / blob_id
+
+    def staging_path(self, session_id: str) -> Path:
+        return self.staging / session_id
+
+    # --- staging ---------------------------------------------------------------------------
+
+    def create_staging(self, session_id: str) -> None:
+        try:
+            os.close(os.open(self.staging_path(session_id),
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        except OSError as exc:
+            raise from_os_error(exc, "a new upload session") from exc
+
+    def open_staging(self, session_id: str) -> int:
+        """Open a staging file read-write (the kernel's writeback cache may read it back)."""
+        return os.open(self.staging_path(session_id), os.O_RDWR | os.O_CLOEXEC)
+
+    def staging_exists(self, session_id: str) -> bool:
+        return self.staging_path(session_id).exists()
+
+    def remove_staging(self, session_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.staging_path(session_id))
+
+    def copy_blob_to_staging(self, blob_id: str, session_id: str) -> None:
+        """Start a session from an artifact's bytes; copy_file_range lets the kernel share or
+        copy extents without passing them through user space. Runs in a thread (it can be GBs).
+        """
+        src = os.open(self.blob_path(blob_id), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            dst = os.open(self.staging_path(session_id), os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                remaining = os.fstat(src).st_size
+                while remaining > 0:
+                    n = os.copy_file_range(src, dst, min(remaining, 1 << 30))
+                    if n == 0:
+                        break
+                    remaining -= n
+            finally:
+                os.close(dst)
+        except OSError as exc:
+            raise from_os_error(exc, "copying an artifact into an upload session") from exc
+        finally:
+            os.close(src)
+
+    # --- blobs -----------------------------------------------------------------------------
+
+    def publish(self, session_id: str, blob_id: str, *, durable: bool) -> None:
+        """Give the staging file its blob name (a hard link: both names until the commit ends)."""
+        path = self.blob_path(blob_id)
+        try:
+            try:
+                os.link(self.staging_path(session_id), path)
+            except FileNotFoundError:
+                path.parent.mkdir(exist_ok=True)
+                os.link(self.staging_path(session_id), path)
+            if durable:
+                fsync_path(path)
+                fsync_path(path.parent)
+        except OSError as exc:
+            raise from_os_error(exc, "committing an artifact") from exc
+
+    def open_blob(self, blob_id: str) -> int:
+        return os.open(self.blob_path(blob_id), os.O_RDONLY | os.O_CLOEXEC)
+
+    def remove_blob(self, blob_id: str) -> None:
+        # Open handles keep the bytes alive (POSIX unlink semantics): readers of the old
+        # version finish with the old bytes, and the space is freed on their last close.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.blob_path(blob_id))
+
+    def blob_size(self, blob_id: str) -> int | None:
+        try:
+            return os.stat(self.blob_path(blob_id)).st_size
+        except FileNotFoundError:
+            return None
+
+    def iter_blob_ids(self) -> Iterator[str]:
+        for sub in self.blobs.iterdir():
+            if sub.is_dir():
+                for f in sub.iterdir():
+                    yield f.name
+
+    def iter_staging_ids(self) -> Iterator[str]:
+        for f in self.staging.iterdir():
+            yield f.name
+
+    def fsync_blobs(self, blob_ids: list[str]) -> list[str]:
+        """fsync each blob and the directories holding them; return the ids that exist."""
+        done: list[str] = []
+        dirs: set[Path] = set()
+        for blob_id in blob_ids:
+            path = self.blob_path(blob_id)
+            try:
+                fsync_path(path)
+            except FileNotFoundError:
+                continue
+            dirs.add(path.parent)
+            done.append(blob_id)
+        for d in dirs:
+            fsync_path(d)
+        return done
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_of_fd(fd: int) -> tuple[str, int]:
+    """Digest and length of a whole file, read with large preads (runs in a thread if big)."""
+    h = hashlib.sha256()
+    pos = 0
+    while True:
+        chunk = os.pread(fd, HASH_CHUNK, pos)
+        if not chunk:
+            break
+        h.update(chunk)
+        pos += len(chunk)
+    return h.hexdigest(), pos
+
+
+def sha256_of_path(path: Path) -> tuple[str, int] | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        return sha256_of_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def is_no_space(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)

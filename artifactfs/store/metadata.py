@@ -1,0 +1,323 @@
+"""SQL over the schema of ``schema.py``: rows in, dataclasses out.
+
+This module knows tables and indexes, not rules: the service decides what may happen and calls
+these in the order it chose. Every function is one short statement (no I/O but SQLite), so a
+run of them between two awaits is a critical section on the trio thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlite_utils
+
+from .schema import ROOT_ID, create_schema
+
+ENTRY_COLUMNS = (
+    "id, parent_id, name, key, kind, mode, uid, gid, mtime_ns, ctime_ns, blob_id, size,"
+    " sha256, mime_type, created_at, durable, target"
+)
+SESSION_COLUMNS = 'id, origin, key, entry_id, size, "offset", mime_type, created_at, expires_at'
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One path in the tree (a row of ``entries``)."""
+
+    id: int
+    parent_id: int | None
+    name: str
+    key: str
+    kind: str
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    ctime_ns: int
+    blob_id: str | None
+    size: int
+    sha256: str | None
+    mime_type: str | None
+    created_at: int | None
+    durable: int
+    target: str | None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == "dir"
+
+    @property
+    def is_file(self) -> bool:
+        return self.kind == "file"
+
+    @property
+    def is_symlink(self) -> bool:
+        return self.kind == "symlink"
+
+    @property
+    def is_artifact(self) -> bool:
+        """A committed artifact: what the seed's API sees."""
+        return self.kind == "file" and self.blob_id is not None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRow:
+    """One row of ``sessions``."""
+
+    id: str
+    origin: str
+    key: str
+    entry_id: int | None
+    size: int | None
+    offset: int
+    mime_type: str
+    created_at: int
+    expires_at: int | None
+
+
+class Metadata:
+    """The metadata database: one connection, used only from the trio thread."""
+
+    def __init__(self, path: Path, *, synchronous_full: bool = False) -> None:
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves so a transaction's extent is
+        # visible in the code (see transaction()).
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db = sqlite_utils.Database(self.conn)
+        self.db.enable_wal()
+        # NORMAL in WAL survives a process crash; a power loss may roll back the newest
+        # transactions, which recovery handles (orphan blobs are removed). FULL for --sync.
+        self.conn.execute(f"PRAGMA synchronous = {'FULL' if synchronous_full else 'NORMAL'}")
+        self.conn.execute("PRAGMA foreign_keys = OFF")
+        self.conn.execute("PRAGMA busy_timeout = 5000")
+        self.conn.execute("PRAGMA cache_size = -16000")
+        create_schema(self.conn, time.time_ns())  # idempotent: IF NOT EXISTS / OR IGNORE
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception. Never spans an await."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    # --- entries ---------------------------------------------------------------------------
+
+    def entry(self, entry_id: int) -> Entry | None:
+        row = self.conn.execute(
+            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE id = ?", (entry_id,)
+        ).fetchone()
+        return Entry(*row) if row else None
+
+    def entry_by_key(self, key: str) -> Entry | None:
+        row = self.conn.execute(
+            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE key = ?", (key,)
+        ).fetchone()
+        return Entry(*row) if row else None
+
+    def child(self, parent_id: int, name: str) -> Entry | None:
+        row = self.conn.execute(
+            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE parent_id = ? AND name = ?",
+            (parent_id, name),
+        ).fetchone()
+        return Entry(*row) if row else None
+
+    def children(self, parent_id: int, after_id: int, limit: int) -> list[Entry]:
+        rows = self.conn.execute(
+            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE parent_id = ? AND id > ?"
+            " ORDER BY id LIMIT ?",
+            (parent_id, after_id, limit),
+        ).fetchall()
+        return [Entry(*r) for r in rows]
+
+    def has_children(self, parent_id: int) -> bool:
+        row = self.conn.execute(
+            "SELECT 1 FROM entries WHERE parent_id = ? LIMIT 1", (parent_id,)
+        ).fetchone()
+        return row is not None
+
+    def count_subdirs(self, parent_id: int) -> int:
+        row = self.conn.execute(
+            "SELECT count(*) FROM entries WHERE parent_id = ? AND kind = 'dir'", (parent_id,)
+        ).fetchone()
+        return int(row[0])
+
+    def insert_entry(
+        self,
+        *,
+        parent_id: int,
+        name: str,
+        key: str,
+        kind: str,
+        mode: int,
+        uid: int,
+        gid: int,
+        now_ns: int,
+        target: str | None = None,
+    ) -> int:
+        cur = self.conn.execute(
+            "INSERT INTO entries (parent_id, name, key, kind, mode, uid, gid, mtime_ns,"
+            " ctime_ns, target) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (parent_id, name, key, kind, mode, uid, gid, now_ns, now_ns, target),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def set_content(
+        self,
+        entry_id: int,
+        *,
+        blob_id: str,
+        size: int,
+        sha256: str,
+        mime_type: str,
+        created_at: int,
+        mtime_ns: int,
+        durable: bool,
+    ) -> None:
+        self.conn.execute(
+            "UPDATE entries SET blob_id = ?, size = ?, sha256 = ?, mime_type = ?,"
+            " created_at = ?, mtime_ns = ?, ctime_ns = ?, durable = ? WHERE id = ?",
+            (blob_id, size, sha256, mime_type, created_at, mtime_ns, mtime_ns,
+             int(durable), entry_id),
+        )
+
+    def delete_entry(self, entry_id: int) -> None:
+        self.conn.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
+
+    def update_attrs(self, entry_id: int, **columns: int | str | None) -> None:
+        assignments = ", ".join(f"{name} = ?" for name in columns)
+        self.conn.execute(
+            f"UPDATE entries SET {assignments} WHERE id = ?", (*columns.values(), entry_id)
+        )
+
+    def move_entry(self, entry_id: int, parent_id: int, name: str, key: str, now_ns: int) -> None:
+        self.conn.execute(
+            "UPDATE entries SET parent_id = ?, name = ?, key = ?, ctime_ns = ? WHERE id = ?",
+            (parent_id, name, key, now_ns, entry_id),
+        )
+
+    def rekey_subtree(self, old_key: str, new_key: str) -> None:
+        """Rewrite the keys of everything under directory ``old_key`` to live under ``new_key``.
+
+        '/' is 0x2F and '0' is 0x30, so ``old/ <= key < old0`` is exactly the subtree: a range
+        scan of the key index.
+        """
+        self.conn.execute(
+            "UPDATE entries SET key = ? || substr(key, ?) WHERE key >= ? AND key < ?",
+            (new_key + "/", len(old_key) + 2, old_key + "/", old_key + "0"),
+        )
+
+    def longest_key_under(self, key: str) -> int:
+        row = self.conn.execute(
+            "SELECT max(length(key)) FROM entries WHERE key >= ? AND key < ?",
+            (key + "/", key + "0"),
+        ).fetchone()
+        return int(row[0] or 0)
+
+    def artifacts_page(
+        self, *, after_key: str | None, lo: str, hi: str | None, offset: int, limit: int
+    ) -> list[Entry]:
+        """Committed artifacts with ``lo <= key < hi`` in key order, from a cursor or offset."""
+        where = ["kind = 'file'", "blob_id IS NOT NULL", "key >= ?"]
+        params: list[object] = [lo]
+        if hi is not None:
+            where.append("key < ?")
+            params.append(hi)
+        if after_key is not None:
+            where.append("key > ?")
+            params.append(after_key)
+        params += [limit, offset]
+        rows = self.conn.execute(
+            f"SELECT {ENTRY_COLUMNS} FROM entries INDEXED BY artifacts_by_key"
+            f" WHERE {' AND '.join(where)} ORDER BY key LIMIT ? OFFSET ?",
+            params,
+        ).fetchall()
+        return [Entry(*r) for r in rows]
+
+    def not_durable(self, limit: int) -> list[Entry]:
+        rows = self.conn.execute(
+            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE durable = 0 LIMIT ?", (limit,)
+        ).fetchall()
+        return [Entry(*r) for r in rows]
+
+    def mark_durable(self, pairs: list[tuple[int, str]]) -> None:
+        """Mark entries durable, but only if they still hold the blob that was fsynced."""
+        self.conn.executemany(
+            "UPDATE entries SET durable = 1 WHERE id = ? AND blob_id = ?", pairs
+        )
+
+    def blob_ids_with_prefix(self, prefix: str) -> set[str]:
+        """Blob ids in use that start with ``prefix`` (one blobs/ subdirectory's worth)."""
+        return {r[0] for r in self.conn.execute(
+            "SELECT blob_id FROM entries WHERE blob_id >= ? AND blob_id < ?",
+            (prefix, prefix + "~"))}
+
+    def iter_artifacts(self) -> Iterator[Entry]:
+        cur = self.conn.execute(
+            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE kind = 'file' AND blob_id IS NOT NULL"
+        )
+        for row in cur:
+            yield Entry(*row)
+
+    def pending_files_without_session(self) -> list[Entry]:
+        rows = self.conn.execute(
+            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE kind = 'file' AND blob_id IS NULL"
+            " AND id NOT IN (SELECT entry_id FROM sessions WHERE entry_id IS NOT NULL)"
+        ).fetchall()
+        return [Entry(*r) for r in rows]
+
+    # --- sessions --------------------------------------------------------------------------
+
+    def session(self, session_id: str) -> SessionRow | None:
+        row = self.conn.execute(
+            f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?", (session_id,)
+        ).fetchone()
+        return SessionRow(*row) if row else None
+
+    def session_for_entry(self, entry_id: int) -> SessionRow | None:
+        row = self.conn.execute(
+            f"SELECT {SESSION_COLUMNS} FROM sessions WHERE entry_id = ? LIMIT 1", (entry_id,)
+        ).fetchone()
+        return SessionRow(*row) if row else None
+
+    def insert_session(self, s: SessionRow) -> None:
+        self.conn.execute(
+            f"INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (s.id, s.origin, s.key, s.entry_id, s.size, s.offset, s.mime_type, s.created_at,
+             s.expires_at),
+        )
+
+    def set_session_offset(self, session_id: str, offset: int) -> None:
+        self.conn.execute('UPDATE sessions SET "offset" = ? WHERE id = ?', (offset, session_id))
+
+    def set_session_mime_type(self, session_id: str, mime_type: str) -> None:
+        self.conn.execute("UPDATE sessions SET mime_type = ? WHERE id = ?", (mime_type, session_id))
+
+    def delete_session(self, session_id: str) -> None:
+        self.conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+
+    def expired_sessions(self, now: int) -> list[SessionRow]:
+        rows = self.conn.execute(
+            f"SELECT {SESSION_COLUMNS} FROM sessions WHERE expires_at IS NOT NULL"
+            " AND expires_at <= ?",
+            (now,),
+        ).fetchall()
+        return [SessionRow(*r) for r in rows]
+
+    def all_sessions(self) -> list[SessionRow]:
+        rows = self.conn.execute(f"SELECT {SESSION_COLUMNS} FROM sessions").fetchall()
+        return [SessionRow(*r) for r in rows]
+
+
+__all__ = ["ROOT_ID", "Entry", "Metadata", "SessionRow"]

@@ -1,0 +1,122 @@
+"""The metadata schema: every table, created in one place, documented where it is created.
+
+Anyone changing the store starts here. The database is SQLite in WAL mode; all access happens
+on the trio thread through one connection (see ``docs/CONCURRENCY.md``).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+SCHEMA_VERSION = 1
+ROOT_ID = 1
+
+_SCHEMA = """
+-- One row per path in the tree: the root, directories, files and symbolic links.
+--
+-- id         the inode number the mount reports; 1 is the root directory (key '').
+-- parent_id  id of the directory holding this entry; NULL only for the root.
+-- name       the last component of the path ('' for the root).
+-- key        the whole path, e.g. 'datasets/v3/shard-0007.tar'. Denormalised from the
+--            (parent_id, name) chain so that get_artifact and list_artifacts are one index
+--            lookup / range scan; rename rewrites the keys of a moved subtree in the same
+--            transaction that moves it, so key == parent.key + '/' + name always holds.
+-- kind       'dir', 'file' or 'symlink'.
+-- mode, uid, gid   permission bits (& 0o7777) and owner, kept for cp -a / rsync -a / tar x.
+-- mtime_ns, ctime_ns  nanoseconds since the epoch.
+-- blob_id    files only: the blob holding the committed bytes (blobs/<id[:2]>/<id>).
+--            NULL for a file created through the mount whose first upload session has not
+--            committed yet: it shows in the mount but is not an artifact (list_artifacts,
+--            get_artifact and the HTTP face do not see it). Always NULL for dirs and symlinks.
+-- size, sha256, mime_type, created_at
+--            the committed artifact's size in bytes, content digest, mime type and commit time
+--            (Unix seconds). size is 0 and the others NULL while blob_id is NULL.
+--            mime_type of a pending file lives on its session row until commit.
+-- durable    1 when the blob's bytes and its directory entry were fsynced; 0 when committed
+--            without fsync (the background flusher sets it within seconds). Start-up verifies
+--            the rows still at 0 (size and sha256) and drops those whose bytes did not survive.
+-- target     symlinks only: the link target, as given (not a key; may be anything).
+CREATE TABLE IF NOT EXISTS entries (
+    id         INTEGER PRIMARY KEY,
+    parent_id  INTEGER REFERENCES entries(id),
+    name       TEXT NOT NULL,
+    key        TEXT NOT NULL UNIQUE,
+    kind       TEXT NOT NULL CHECK (kind IN ('dir', 'file', 'symlink')),
+    mode       INTEGER NOT NULL,
+    uid        INTEGER NOT NULL DEFAULT 0,
+    gid        INTEGER NOT NULL DEFAULT 0,
+    mtime_ns   INTEGER NOT NULL,
+    ctime_ns   INTEGER NOT NULL,
+    blob_id    TEXT,
+    size       INTEGER NOT NULL DEFAULT 0,
+    sha256     TEXT,
+    mime_type  TEXT,
+    created_at INTEGER,
+    durable    INTEGER NOT NULL DEFAULT 1,
+    target     TEXT
+);
+-- Lookup of a name in a directory (the mount's lookup) and the one-name-per-directory rule.
+CREATE UNIQUE INDEX IF NOT EXISTS entries_by_name ON entries(parent_id, name);
+-- readdir: children of one directory in id order; the rowid is the index's implicit last
+-- column, so 'WHERE parent_id = ? AND id > ? ORDER BY id' is a range scan (a stable cursor).
+CREATE INDEX IF NOT EXISTS entries_by_parent ON entries(parent_id);
+-- list_artifacts: committed artifacts only, in bytewise key order, without visiting
+-- directories, symlinks or pending files.
+CREATE INDEX IF NOT EXISTS artifacts_by_key ON entries(key)
+    WHERE kind = 'file' AND blob_id IS NOT NULL;
+-- Recovery and fsck: which row (if any) holds a blob, one subdirectory of blobs/ at a time.
+CREATE INDEX IF NOT EXISTS entries_by_blob ON entries(blob_id) WHERE blob_id IS NOT NULL;
+-- The background flusher and start-up verification find the not-yet-durable rows here.
+CREATE INDEX IF NOT EXISTS entries_not_durable ON entries(id) WHERE durable = 0;
+
+-- One row per upload session. The bytes received so far are in staging/<id>.
+--
+-- id         opaque, unguessable (secrets.token_urlsafe); also the staging file's name.
+-- origin     'http': created by create_upload_session (any face but the mount); resumable,
+--            survives restarts, expires at expires_at.
+--            'mount': a file open for writing in the mount; its writer is the daemon itself,
+--            so start-up discards these (no one is left to resume them).
+-- key        http sessions: the key the artifact commits to. mount sessions: the key when
+--            opened (informational; the commit follows entry_id, which rename keeps right).
+-- entry_id   mount sessions: the entry (inode) being written. NULL for http sessions.
+-- size       http sessions: the declared size; commit happens when offset reaches it.
+--            mount sessions: NULL (unknown until the file is closed).
+-- offset     http sessions: bytes received and acknowledged. The staging file can be longer
+--            after a crash mid-request; the next upload truncates it back to offset.
+--            mount sessions: 0 (the staging file's length is the truth).
+-- mime_type  what the artifact will be committed with.
+-- created_at, expires_at  Unix seconds; expires_at NULL for mount sessions.
+CREATE TABLE IF NOT EXISTS sessions (
+    id         TEXT PRIMARY KEY,
+    origin     TEXT NOT NULL CHECK (origin IN ('http', 'mount')),
+    key        TEXT NOT NULL,
+    entry_id   INTEGER,
+    size       INTEGER,
+    "offset"   INTEGER NOT NULL DEFAULT 0,
+    mime_type  TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions(expires_at)
+    WHERE expires_at IS NOT NULL;
+
+-- Facts about the store itself: 'schema_version'.
+CREATE TABLE IF NOT EXISTS store_info (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+
+def create_schema(conn: sqlite3.Connection, now_ns: int) -> None:
+    """Create every table and the root directory if they are missing."""
+    conn.executescript(_SCHEMA)
+    conn.execute(
+        "INSERT OR IGNORE INTO entries (id, parent_id, name, key, kind, mode, mtime_ns, ctime_ns)"
+        " VALUES (?, NULL, '', '', 'dir', ?, ?, ?)",
+        (ROOT_ID, 0o755, now_ns, now_ns),
+    )
+    conn.execute(
+        "INSERT OR IGNORE INTO store_info (name, value) VALUES ('schema_version', ?)",
+        (str(SCHEMA_VERSION),),
+    )
