@@ -13,6 +13,7 @@ the database, and every method re-reads the rows it needs after such an await.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -906,10 +907,8 @@ class ArtifactStore:
         """Forget a write session without committing (failed open, or shutdown)."""
         if self._writes.get(ws.entry_id) is ws:
             del self._writes[ws.entry_id]
-        try:
+        with contextlib.suppress(OSError):
             os.close(ws.fd)
-        except OSError:
-            pass
         self._drop_write_session(ws)
 
     def open_read(self, entry_id: int) -> int:
