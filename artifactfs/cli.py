@@ -1,0 +1,110 @@
+"""The ``artifactfs`` command: parses options and hands them to the module that does the work.
+
+    artifactfs mount MOUNTPOINT [--data DIR] [--http ADDR] [--token T] [--foreground] [--sync]
+    artifactfs umount MOUNTPOINT
+    artifactfs serve --http ADDR [--data DIR] [--token T]
+    artifactfs put FILE KEY | get KEY [FILE] | ls [PREFIX] | info KEY | rm KEY...   (over HTTP)
+    artifactfs fsck [--data DIR] [--repair]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_HTTP = "127.0.0.1:8321"
+
+
+def _data_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, default=None,
+                   help="data directory (default: ~/.local/share/artifactfs)")
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=os.environ.get("ARTIFACTFS_URL", f"http://{DEFAULT_HTTP}"),
+                   help="the daemon's HTTP URL (default: $ARTIFACTFS_URL or the local daemon)")
+    p.add_argument("--token", default=os.environ.get("ARTIFACTFS_TOKEN"),
+                   help="bearer token (default: $ARTIFACTFS_TOKEN)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="artifactfs", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("mount", help="mount the store (and optionally serve HTTP)")
+    p.add_argument("mountpoint", type=Path)
+    _data_arg(p)
+    p.add_argument("--http", metavar="ADDR", default=None,
+                   help="also serve the HTTP API at HOST:PORT from the same daemon")
+    p.add_argument("--token", default=os.environ.get("ARTIFACTFS_TOKEN"),
+                   help="bearer token required on every HTTP route (needed off loopback)")
+    p.add_argument("--foreground", action="store_true", help="stay attached, log to stderr")
+    p.add_argument("--sync", action="store_true", help="fsync every commit before it returns")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users see the mount (default: only the mounting user)")
+
+    p = sub.add_parser("umount", help="unmount a mount point")
+    p.add_argument("mountpoint", type=Path)
+
+    p = sub.add_parser("serve", help="serve the HTTP API alone")
+    p.add_argument("--http", metavar="ADDR", default=DEFAULT_HTTP)
+    _data_arg(p)
+    p.add_argument("--token", default=os.environ.get("ARTIFACTFS_TOKEN"))
+    p.add_argument("--sync", action="store_true")
+
+    p = sub.add_parser("put", help="upload FILE as KEY (resumable: run again to continue)")
+    p.add_argument("file", type=Path)
+    p.add_argument("key")
+    p.add_argument("--mime-type", default=None)
+    _client_args(p)
+
+    p = sub.add_parser("get", help="download KEY to FILE (default: its base name; - = stdout)")
+    p.add_argument("key")
+    p.add_argument("file", nargs="?", default=None)
+    _client_args(p)
+
+    p = sub.add_parser("ls", help="list artifacts")
+    p.add_argument("prefix", nargs="?", default="")
+    p.add_argument("--json", action="store_true")
+    _client_args(p)
+
+    p = sub.add_parser("info", help="show one artifact")
+    p.add_argument("key")
+    _client_args(p)
+
+    p = sub.add_parser("rm", help="delete artifacts (all or nothing)")
+    p.add_argument("keys", nargs="+")
+    _client_args(p)
+
+    p = sub.add_parser("fsck", help="check (and --repair) a data directory")
+    _data_arg(p)
+    p.add_argument("--repair", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command in ("mount", "umount", "serve"):
+        from . import daemon
+
+        return daemon.run_command(args)
+    if args.command == "fsck":
+        from .fsck_command import run_fsck
+
+        return run_fsck(args)
+    from . import client
+
+    return client.run_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
