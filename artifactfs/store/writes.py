@@ -1,0 +1,213 @@
+"""Files open for writing in the mount: the mount's upload sessions.
+
+A mixin of ArtifactStore (service.py). All writable handles of one inode share one
+WriteSession (sessions.py); the last release commits it through the same publish step as an
+HTTP upload. See docs/CONCURRENCY.md for why each await is safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import time
+
+import trio
+
+from ..errors import ArtifactError, Conflict, InvalidArgument, NotFound, from_os_error
+from ..models import mime_type_for_name, validate_size
+from .metadata import Entry, SessionRow
+from .sessions import WriteSession
+from .state import INLINE_IO_BYTES, log
+from .tree import TreeOperations
+
+
+class MountWrites(TreeOperations):
+    """Files open for writing: create, open, truncate, fsync, release (commit)."""
+
+    async def truncate(self, entry_id: int, size: int) -> Entry:
+        """Set a file's length: in its open write session, or through a new one."""
+        validate_size(size)
+        ws = self._writes.get(entry_id)
+        if ws is not None and not ws.committing:
+            await ws.ready.wait()
+            self._ftruncate(ws, size)
+            return self.entry(entry_id)
+        ws = await self.open_write(entry_id, truncate=size == 0)
+        try:
+            self._ftruncate(ws, size)
+        finally:
+            await self.release_write(ws)
+        return self.entry(entry_id)
+
+    @staticmethod
+    def _ftruncate(ws: WriteSession, size: int) -> None:
+        try:
+            os.ftruncate(ws.fd, size)
+        except OSError as exc:
+            if exc.errno == errno.EFBIG:
+                raise InvalidArgument(f"size {size} is larger than the store can hold",
+                                      errno=errno.EFBIG) from exc
+            raise from_os_error(exc, "truncate") from exc
+        ws.wrote()
+
+    # --- files open for writing (the mount's upload sessions) ------------------------------
+
+    def active_write(self, entry_id: int) -> WriteSession | None:
+        return self._writes.get(entry_id)
+
+    def create_file(self, parent_id: int, name: str, mode: int, uid: int,
+                    gid: int) -> tuple[Entry, WriteSession]:
+        """A new file in the mount: an entry (not yet an artifact) and its write session."""
+        session_id = secrets.token_urlsafe(18)
+        self.data.create_staging(session_id)
+        try:
+            with self.meta.transaction():
+                _, key = self._new_name(parent_id, name)
+                entry_id = self.meta.insert_entry(
+                    parent_id=parent_id, name=name, key=key, kind="file", mode=mode & 0o7777,
+                    uid=uid, gid=gid, now_ns=time.time_ns())
+                self.meta.insert_session(SessionRow(
+                    id=session_id, origin="mount", key=key, entry_id=entry_id, size=None,
+                    offset=0, mime_type=mime_type_for_name(name),
+                    created_at=int(time.time()), expires_at=None))
+            fd = self.data.open_staging(session_id)
+        except BaseException:
+            self.data.remove_staging(session_id)
+            raise
+        self._changed_keys()
+        ws = WriteSession(id=session_id, entry_id=entry_id, fd=fd)
+        ws.ready.set()
+        self._writes[entry_id] = ws
+        return self.entry(entry_id), ws
+
+    async def open_write(self, entry_id: int, *, truncate: bool) -> WriteSession:
+        """Open an existing file for writing: join its write session or start one.
+
+        Without truncate the session starts from a copy of the artifact's bytes.
+        """
+        while True:
+            ws = self._writes.get(entry_id)
+            if ws is None:
+                break
+            if ws.committing:
+                await ws.closed.wait()
+                continue
+            ws.writers += 1
+            await ws.ready.wait()
+            if ws.failed is not None:
+                ws.writers -= 1
+                raise ws.failed
+            if truncate:
+                self._ftruncate(ws, 0)
+            return ws
+        e = self.meta.entry(entry_id)
+        if e is None:
+            raise NotFound(f"no entry {entry_id}")
+        if not e.is_file:
+            raise Conflict(f"{e.key} is a directory", errno=errno.EISDIR)
+        session_id = secrets.token_urlsafe(18)
+        self.data.create_staging(session_id)
+        fd = self.data.open_staging(session_id)
+        ws = WriteSession(id=session_id, entry_id=entry_id, fd=fd)
+        self._writes[entry_id] = ws
+        try:
+            self.meta.insert_session(SessionRow(
+                id=session_id, origin="mount", key=e.key, entry_id=entry_id, size=None,
+                offset=0, mime_type=e.mime_type or mime_type_for_name(e.name),
+                created_at=int(time.time()), expires_at=None))
+            if e.blob_id and not truncate:
+                if e.size <= INLINE_IO_BYTES:
+                    self.data.copy_blob_to_staging(e.blob_id, session_id)
+                else:
+                    blob_id = e.blob_id
+                    await trio.to_thread.run_sync(
+                        lambda: self.data.copy_blob_to_staging(blob_id, session_id))
+        except BaseException as exc:
+            ws.failed = exc if isinstance(exc, ArtifactError) else ArtifactError(str(exc))
+            self._discard_write(ws)
+            ws.ready.set()
+            raise
+        ws.ready.set()
+        return ws
+
+    async def sync_write(self, ws: WriteSession) -> None:
+        """fsync: the bytes written so far are durable, and so will be the commit."""
+        await trio.to_thread.run_sync(os.fsync, ws.fd)
+        ws.synced = True
+
+    async def release_write(self, ws: WriteSession) -> Entry | None:
+        """One writable handle closed; the last one commits the file as an artifact."""
+        ws.writers -= 1
+        if ws.writers > 0:
+            return None
+        ws.committing = True
+        try:
+            return await self._commit_write(ws)
+        finally:
+            if self._writes.get(ws.entry_id) is ws:
+                del self._writes[ws.entry_id]
+            os.close(ws.fd)
+            ws.closed.set()
+
+    async def _commit_write(self, ws: WriteSession) -> Entry | None:
+        if self.meta.entry(ws.entry_id) is None:
+            # Unlinked while open: as on a disk, the bytes go with the last handle.
+            self._drop_write_session(ws)
+            return None
+        sha, size = await self._digest(ws.fd)
+        durable = ws.synced or self.sync
+        blob_id = await self._publish(ws.id, durable)
+        try:
+            with self.meta.transaction():
+                e = self.meta.entry(ws.entry_id)
+                s = self.meta.session(ws.id)
+                if e is None or s is None:
+                    raise NotFound(f"{ws.id}: entry {ws.entry_id} was removed while committing")
+                self.meta.set_content(
+                    e.id, blob_id=blob_id, size=size, sha256=sha, mime_type=s.mime_type,
+                    created_at=int(time.time()), mtime_ns=ws.mtime_ns, durable=durable)
+                self.meta.delete_session(ws.id)
+        except NotFound:
+            self.data.remove_blob(blob_id)
+            self._drop_write_session(ws)
+            return None
+        except BaseException:
+            self.data.remove_blob(blob_id)
+            raise
+        self.data.remove_staging(ws.id)
+        if e.blob_id is None:
+            self._changed_keys()  # a new artifact joins the listing
+        else:
+            self._doom(e.blob_id)
+        log.info("committed %s (%d bytes, sha256 %s) from the mount", e.key, size, sha[:12])
+        return self.meta.entry(e.id)
+
+    def _drop_write_session(self, ws: WriteSession) -> None:
+        self.meta.delete_session(ws.id)
+        self.data.remove_staging(ws.id)
+
+    def _discard_write(self, ws: WriteSession) -> None:
+        """Forget a write session without committing (failed open, or shutdown)."""
+        if self._writes.get(ws.entry_id) is ws:
+            del self._writes[ws.entry_id]
+        with contextlib.suppress(OSError):
+            os.close(ws.fd)
+        self._drop_write_session(ws)
+
+    def open_read(self, entry_id: int) -> int:
+        """A read-only fd on what a new opener should see: the writer's bytes while the file
+        is open for writing (as on a disk), else the committed blob. The caller closes it."""
+        ws = self._writes.get(entry_id)
+        if ws is not None:
+            return os.open(self.data.staging_path(ws.id), os.O_RDONLY | os.O_CLOEXEC)
+        e = self.meta.entry(entry_id)
+        if e is None:
+            raise NotFound(f"no entry {entry_id}")
+        if not e.is_file:
+            raise Conflict(f"{e.key} is a directory", errno=errno.EISDIR)
+        if e.blob_id is None:
+            raise NotFound(f"{e.key} has no content yet")
+        return self.data.open_blob(e.blob_id)
+
