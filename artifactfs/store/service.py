@@ -231,6 +231,9 @@ class ArtifactStore(MountWrites):
         for name, value in (("start_index", start), ("limit", count)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InvalidArgument(f"{name} must be an integer >= 0, got {value!r}")
+        if start > 2**63 - 1:
+            # SQLite cannot even take it as an OFFSET; no store holds that many artifacts.
+            raise InvalidArgument(f"start_index {start} is too large (at most 2**63-1)")
         count = min(count, MAX_PAGE)
         prefix = prefix or ""
         if prefix and (len(prefix) > 1024 or not all(
