@@ -1,0 +1,314 @@
+"""The command line's HTTP client: ``artifactfs put | get | ls | info | rm`` against a daemon.
+
+Every command is one or a few calls of the Artifacts API (docs/HTTP.md); the daemon decides
+every rule and this module only shows its answers. ``put`` is resumable: it remembers the
+upload session in a small state file keyed by (absolute path, size, mtime, key, url), so running
+the same command again after an interruption asks the session for its offset and sends only
+the rest. Transfers show a progress bar (rich) on a terminal once they take longer than a
+moment; when stderr is not a terminal nothing but results and errors are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import quote
+
+import httpx
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from .models import mime_type_for_name
+
+log = logging.getLogger("artifactfs.client")
+
+PUT_CHUNK = 8 << 20  # one request per 8 MiB: a lost connection costs at most one chunk's resend
+GET_CHUNK = 1 << 20
+PAGE = 1000
+PROGRESS_DELAY = 0.5  # seconds before a bar appears: short transfers stay silent
+
+
+class CommandError(Exception):
+    """What went wrong, in words for the user; the command exits 1."""
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run put, get, ls, info or rm as parsed by artifactfs.cli; the exit status."""
+    commands = {"put": put, "get": get, "ls": ls, "info": info, "rm": rm}
+    if not getattr(args, "verbose", False):
+        # httpx logs every request at INFO; a command's output is its result, not its traffic.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    timeout = httpx.Timeout(120.0, connect=10.0)
+    try:
+        with httpx.Client(base_url=args.url.rstrip("/"), headers=headers,
+                          timeout=timeout) as http:
+            commands[args.command](http, args)
+        return 0
+    except CommandError as exc:
+        print(f"artifactfs: {exc}", file=sys.stderr)
+        return 1
+    except httpx.ConnectError as exc:
+        print(f"artifactfs: cannot reach the daemon at {args.url} ({exc}); start it with"
+              " 'artifactfs serve' or 'artifactfs mount --http', or pass --url",
+              file=sys.stderr)
+        return 1
+    except httpx.HTTPError as exc:
+        print(f"artifactfs: HTTP error talking to {args.url}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("artifactfs: interrupted", file=sys.stderr)
+        return 130
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def key_path(key: str) -> str:
+    """``key`` as a URL path under /v1/artifacts, every byte of it reaching the server.
+
+    HTTP clients drop ``.`` and ``..`` path segments (RFC 3986 normalisation), which would
+    silently name another key; percent-encoding them lets the server see, and refuse, the key
+    as typed.
+    """
+    parts = [quote(p, safe="") if p not in (".", "..") else p.replace(".", "%2E")
+             for p in key.split("/")]
+    return "/v1/artifacts/" + "/".join(parts)
+
+
+def _detail(r: httpx.Response) -> str:
+    try:
+        body = r.json()
+    except ValueError:
+        return r.text.strip() or r.reason_phrase
+    if isinstance(body, dict) and "detail" in body:
+        return str(body["detail"])
+    return json.dumps(body)
+
+
+def _check(r: httpx.Response) -> httpx.Response:
+    if r.status_code >= 400:
+        raise CommandError(f"{_detail(r)} (HTTP {r.status_code})")
+    return r
+
+
+class Transfer:
+    """A progress bar that appears only if the transfer is still running after a moment."""
+
+    def __init__(self, description: str, total: int | None, done: int = 0) -> None:
+        self.console = Console(stderr=True)
+        self.enabled = self.console.is_terminal
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+            TransferSpeedColumn(), TimeRemainingColumn(), console=self.console,
+            transient=False)
+        self.task = self.progress.add_task(description, total=total, completed=done)
+        self.started_at = time.monotonic()
+        self.shown = False
+
+    def advance(self, n: int) -> None:
+        self.progress.advance(self.task, n)
+        if (self.enabled and not self.shown
+                and time.monotonic() - self.started_at >= PROGRESS_DELAY):
+            self.progress.start()
+            self.shown = True
+
+    def __enter__(self) -> Transfer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.shown:
+            self.progress.stop()
+
+
+# --- put -----------------------------------------------------------------------------------
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "artifactfs" / "uploads"
+
+
+def _state_file(path: Path, st: os.stat_result, key: str, url: str) -> Path:
+    # A changed file (size or mtime) or another target is another upload: a fresh session.
+    ident = json.dumps([str(path), st.st_size, st.st_mtime_ns, key, url.rstrip("/")])
+    return _cache_dir() / (hashlib.sha256(ident.encode()).hexdigest()[:32] + ".json")
+
+
+def _resumable_session(http: httpx.Client, state: Path, size: int) -> dict[str, Any] | None:
+    """The session a previous run of this same put left, if the daemon still has it."""
+    try:
+        saved = json.loads(state.read_text())
+        session_id = saved["id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    r = http.get(f"/v1/artifacts/sessions/{quote(str(session_id), safe='')}")
+    if r.status_code == 404:
+        log.info("upload session %s is gone; starting over", session_id)
+        return None
+    body = _check(r).json()
+    # The route answers with an artifact when no such session lives (key sessions/<id>).
+    if body.get("id") != session_id or body.get("size") != size:
+        return None
+    return dict(body)
+
+
+def put(http: httpx.Client, args: argparse.Namespace) -> None:
+    path = Path(args.file).resolve()
+    try:
+        st = path.stat()
+        f: BinaryIO = path.open("rb")
+    except OSError as exc:
+        raise CommandError(f"cannot read {args.file}: {exc.strerror}") from None
+    mime = args.mime_type or mime_type_for_name(args.key.rpartition("/")[2])
+    if mime == "application/octet-stream" and not args.mime_type:
+        mime = mime_type_for_name(path.name)
+    state = _state_file(path, st, args.key, args.url)
+    with f:
+        session = _resumable_session(http, state, st.st_size)
+        if session is None:
+            session = _check(http.post("/v1/artifacts", json={
+                "key": args.key, "mime_type": mime, "size": st.st_size})).json()
+            state.parent.mkdir(parents=True, exist_ok=True)
+            state.write_text(json.dumps({"id": session["id"], "file": str(path),
+                                         "key": args.key, "url": args.url}))
+        elif session["offset"]:
+            print(f"artifactfs: resuming the upload of {args.key} at byte {session['offset']}"
+                  f" of {st.st_size}", file=sys.stderr)
+        artifact = _send(http, f, session, args.key)
+    state.unlink(missing_ok=True)
+    print(f"{artifact['key']}\t{artifact['size']}\t{artifact.get('sha256') or ''}")
+
+
+def _send(http: httpx.Client, f: BinaryIO, session: dict[str, Any], key: str) -> dict[str, Any]:
+    """Send the file from the session's offset in chunks; the committed artifact."""
+    size = int(session["size"])
+    offset = int(session["offset"])
+    uri = session["uri"]
+    with Transfer(f"put {key}", size, offset) as bar:
+        while True:
+            f.seek(offset)
+            chunk = f.read(min(PUT_CHUNK, size - offset))
+            r = http.post(uri, content=chunk, headers={"Upload-Offset": str(offset),
+                                                       "Content-Type":
+                                                       "application/octet-stream"})
+            if r.status_code == 409 and isinstance(r.json().get("offset"), int):
+                # A chunk we thought lost did arrive (or another put runs): follow the server.
+                true_offset = r.json()["offset"]
+                bar.advance(true_offset - offset)
+                offset = true_offset
+                continue
+            body = _check(r).json()
+            offset += len(chunk)
+            bar.advance(len(chunk))
+            if body is not None:
+                return dict(body)
+            if offset >= size:
+                raise CommandError(f"the daemon did not commit {key} after its last byte")
+
+
+# --- get -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _output(target: str) -> Iterator[BinaryIO]:
+    """stdout for '-', else a temporary file renamed over ``target`` only on success."""
+    if target == "-":
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    dest = Path(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".artifactfs-part",
+                               dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def get(http: httpx.Client, args: argparse.Namespace) -> None:
+    target = args.file if args.file is not None else args.key.rpartition("/")[2]
+    if target != "-" and Path(target).is_dir():
+        target = str(Path(target) / args.key.rpartition("/")[2])
+    with http.stream("GET", key_path(args.key) + ":content") as r:
+        if r.status_code >= 400:
+            r.read()
+            _check(r)
+        total = int(r.headers.get("content-length", 0)) or None
+        with _output(target) as out, Transfer(f"get {args.key}", total) as bar:
+            for chunk in r.iter_bytes(GET_CHUNK):
+                out.write(chunk)
+                bar.advance(len(chunk))
+
+
+# --- ls, info, rm --------------------------------------------------------------------------
+
+
+def _all_artifacts(http: httpx.Client, prefix: str) -> Iterator[dict[str, Any]]:
+    start = 0
+    while True:
+        params: dict[str, Any] = {"start_index": start, "limit": PAGE}
+        if prefix:
+            params["prefix"] = prefix
+        page = _check(http.get("/v1/artifacts", params=params)).json()
+        yield from page["data"]
+        start += len(page["data"])
+        if not page["has_more"] or not page["data"]:
+            return
+
+
+def _when(created_at: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created_at))
+
+
+def ls(http: httpx.Client, args: argparse.Namespace) -> None:
+    rows = list(_all_artifacts(http, args.prefix))
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    console = Console()
+    if console.is_terminal:
+        table = Table("size", "created", "mime type", "key", box=None, header_style="bold")
+        table.columns[0].justify = "right"
+        for a in rows:
+            table.add_row(str(a["size"]), _when(a["created_at"]), a["mime_type"], a["key"])
+        console.print(table)
+        return
+    # Not a terminal: plain aligned columns that cut, awk and sort read.
+    width = max((len(str(a["size"])) for a in rows), default=1)
+    for a in rows:
+        print(f"{a['size']:>{width}}  {_when(a['created_at'])}  {a['mime_type']}  {a['key']}")
+
+
+def info(http: httpx.Client, args: argparse.Namespace) -> None:
+    body = _check(http.get(key_path(args.key))).json()
+    json.dump(body, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def rm(http: httpx.Client, args: argparse.Namespace) -> None:
+    _check(http.post("/v1/artifacts/bulk",
+                     json={"artifacts": [{"key": k} for k in args.keys]}))

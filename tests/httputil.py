@@ -1,0 +1,103 @@
+"""A real HTTP server on a free loopback port, for the HTTP and command-line tests.
+
+The server runs in the test's own trio loop (open_store + serve_http in a nursery this module
+opens), so a test can look at the store directly while it talks HTTP to it. Teardown cancels
+that nursery, which ends exactly the server it started, then closes the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import httpx
+import trio
+
+from artifactfs import ArtifactStore, open_store
+from artifactfs.http.server import serve_http
+
+
+@dataclass
+class Server:
+    url: str
+    store: ArtifactStore
+    data_dir: Path
+    client: httpx.AsyncClient
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rpartition(":")[2])
+
+    async def put(self, key: str, data: bytes, mime_type: str = "application/octet-stream"
+                  ) -> dict:
+        """Upload ``data`` as ``key`` in one request; the committed artifact's JSON."""
+        r = await self.client.post("/v1/artifacts",
+                                   json={"key": key, "mime_type": mime_type, "size": len(data)})
+        assert r.status_code == 200, r.text
+        session = r.json()
+        r = await self.client.post(session["uri"], content=data)
+        assert r.status_code == 200, r.text
+        if data:
+            assert r.json() is not None
+        return r.json() if r.json() is not None else (await self.client.get(
+            f"/v1/artifacts/{key}")).json()
+
+
+@contextlib.asynccontextmanager
+async def running_server(data_dir: Path, *, token: str | None = None,
+                         host: str = "127.0.0.1") -> AsyncIterator[Server]:
+    """Serve a store in ``data_dir`` on a free port of ``host`` until the block ends."""
+    async with open_store(data_dir) as store, trio.open_nursery() as nursery:
+        url = await nursery.start(partial(serve_http, store, host, 0, token=token))
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with httpx.AsyncClient(base_url=url, timeout=60, headers=headers) as client:
+            yield Server(url=url, store=store, data_dir=data_dir, client=client)
+        nursery.cancel_scope.cancel()
+
+
+async def raw_request(port: int, head: bytes, body: bytes = b"", *, close_after: bool = False,
+                      read: bool = True) -> bytes:
+    """Send bytes the way no well-behaved client would (a body cut short, bad framing).
+
+    Returns what the server answered (up to its close or 5 s of silence), or b"" when the
+    caller asks to hang up without reading.
+    """
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    try:
+        await stream.send_all(head + body)
+        if close_after:
+            return b""
+        if not read:
+            return b""
+        answer = b""
+        with trio.move_on_after(5):
+            while True:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                answer += chunk
+                if b"\r\n\r\n" in answer and _complete(answer):
+                    break
+        return answer
+    finally:
+        await stream.aclose()
+
+
+def _complete(answer: bytes) -> bool:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    return False
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (for subprocess servers that need it up front)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
