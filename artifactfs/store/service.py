@@ -75,9 +75,13 @@ class ArtifactStore(MountWrites):
         self.data.release()
 
     async def commit_complete_sessions(self) -> None:
-        """Finish uploads whose last byte arrived but whose commit a crash interrupted."""
+        """Finish uploads whose last byte arrived but whose commit a crash interrupted.
+
+        A size-0 session has no last byte: it waits for its first upload call (DESIGN §2),
+        which would otherwise find the session gone.
+        """
         for s in self.meta.all_sessions():
-            if s.origin == "http" and s.size is not None and s.offset == s.size:
+            if s.origin == "http" and s.size and s.offset == s.size:
                 try:
                     await self._commit_upload(s)
                 except ArtifactError as exc:
