@@ -1,0 +1,247 @@
+"""Store layer, crash safety: a child process works on a store and is killed with SIGKILL.
+
+The child (``child_main``) commits, replaces, renames (files and directories), deletes, bulk
+deletes and writes through mount sessions, logging each operation before it starts ("begin",
+with its full effect) and after it returns ("done"). The parent kills it at a random moment,
+reopens the store (recovery runs) and checks that:
+
+- the artifacts are exactly those of the replayed log, with the one operation in flight either
+  wholly applied or not at all;
+- every artifact reads back byte-identical with its recorded sha256 (no torn or missing blob);
+- no orphan blob and no staging file without its session is left.
+
+Rounds accumulate on one data directory: each child starts from what the last crash left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+from conftest import SCALE
+from storeutil import all_artifacts, check_invariants, entry_id, put, sha
+
+from artifactfs import open_store
+from artifactfs.store import ArtifactStore
+from artifactfs.store.schema import ROOT_ID
+
+DIRS = [f"d{i}" for i in range(6)]
+NAMES = [f"f{i}.bin" for i in range(6)]
+ROUNDS = 20 * SCALE
+
+State = tuple[dict[str, str], frozenset[str]]  # key -> sha256, top-level directories
+
+
+# --- the child ------------------------------------------------------------------------------
+
+def _content(rng: random.Random) -> bytes:
+    size = rng.choice([0, 1, 100, 4096, 30_000, 200_000, 1 << 20])
+    return rng.randbytes(rng.randint(size // 2, size) if size else 0)
+
+
+async def _child(data_dir: str, log_path: str, seed: int) -> None:
+    rng = random.Random(seed)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def record(obj: dict[str, Any]) -> None:
+        # One write() per line: a killed process never tears it; fsync as a client would.
+        os.write(log_fd, (json.dumps(obj) + "\n").encode())
+        os.fsync(log_fd)
+
+    async with open_store(data_dir, sync=seed % 3 == 0, flush_interval=0.02) as store:
+        files = {a["key"]: a["sha256"] for a in await all_artifacts(store)}
+        dirs = {e.name for e in store.readdir(ROOT_ID, 0, 1000) if e.is_dir}
+        print("ready", flush=True)
+        seq = 0
+        while True:
+            seq += 1
+            op = rng.choice(["put", "put", "put", "replace", "mount", "delete", "bulk",
+                             "rename", "rename", "renamedir", "abandon"])
+            if op in ("replace", "delete", "rename", "bulk") and not files:
+                op = "put"
+            if op == "renamedir" and (not dirs or len(dirs) == len(DIRS)):
+                op = "put"
+            if op == "mount" and not dirs:
+                op = "put"
+            if op in ("put", "replace", "abandon", "mount"):
+                if op == "replace":
+                    key = rng.choice(sorted(files))
+                elif op == "mount":
+                    key = f"{rng.choice(sorted(dirs))}/{rng.choice(NAMES)}"
+                else:
+                    key = f"{rng.choice(DIRS)}/{rng.choice(NAMES)}"
+                content = _content(rng)
+                if op == "abandon":
+                    # A session left half-way: it must survive as a resumable session.
+                    s = await store.create_upload_session(key, "text/plain", len(content) + 1)
+                    await store.upload_content_to_session(s.id, content)
+                    continue
+                record({"seq": seq, "op": "put", "key": key, "sha": sha(content)})
+                if op == "mount":
+                    d, _, name = key.partition("/")
+                    try:
+                        e = store.lookup(entry_id(store, d), name)
+                        ws = await store.open_write(e.id, truncate=True)
+                    except Exception:
+                        _, ws = store.create_file(entry_id(store, d), name, 0o644, 0, 0)
+                    os.pwrite(ws.fd, content, 0)
+                    ws.wrote()
+                    if rng.random() < 0.3:
+                        await store.sync_write(ws)
+                    await store.release_write(ws)
+                else:
+                    await put(store, key, content, chunks=rng.choice([1, 1, 2, 3]))
+                files[key] = sha(content)
+                dirs.add(key.partition("/")[0])
+            elif op == "delete":
+                key = rng.choice(sorted(files))
+                record({"seq": seq, "op": "delete", "keys": [key]})
+                await store.delete_artifact(key)
+                del files[key]
+            elif op == "bulk":
+                keys = rng.sample(sorted(files), min(len(files), rng.randint(1, 4)))
+                record({"seq": seq, "op": "delete", "keys": keys})
+                await store.bulk_delete_artifacts(keys)
+                for key in keys:
+                    del files[key]
+            elif op == "rename":
+                src = rng.choice(sorted(files))
+                dst = f"{rng.choice(sorted(dirs))}/{rng.choice(NAMES)}"
+                if dst == src:
+                    continue
+                record({"seq": seq, "op": "rename", "src": src, "dst": dst})
+                sd, _, sn = src.partition("/")
+                dd, _, dn = dst.partition("/")
+                store.rename(entry_id(store, sd), sn, entry_id(store, dd), dn)
+                files[dst] = files.pop(src)
+            else:
+                src = rng.choice(sorted(dirs))
+                dst = rng.choice(sorted(set(DIRS) - dirs))
+                record({"seq": seq, "op": "renamedir", "src": src, "dst": dst})
+                store.rename(ROOT_ID, src, ROOT_ID, dst)
+                dirs = (dirs - {src}) | {dst}
+                files = {(dst + k[len(src):] if k.startswith(src + "/") else k): v
+                         for k, v in files.items()}
+            record({"seq": seq, "done": True})
+            await trio.sleep(0)
+
+
+def child_main(data_dir: str, log_path: str, seed: int) -> None:
+    trio.run(_child, data_dir, log_path, seed)
+
+
+# --- the parent -----------------------------------------------------------------------------
+
+def apply(state: State, op: dict[str, Any]) -> State:
+    files, dirs = dict(state[0]), set(state[1])
+    if op["op"] == "put":
+        files[op["key"]] = op["sha"]
+        dirs.add(op["key"].partition("/")[0])
+    elif op["op"] == "delete":
+        for key in op["keys"]:
+            del files[key]
+    elif op["op"] == "rename":
+        files[op["dst"]] = files.pop(op["src"])
+    elif op["op"] == "renamedir":
+        src, dst = op["src"], op["dst"]
+        dirs = (dirs - {src}) | {dst}
+        files = {(dst + k[len(src):] if k.startswith(src + "/") else k): v
+                 for k, v in files.items()}
+    return files, frozenset(dirs)
+
+
+def replay(state: State, log_path: Path) -> tuple[State, dict[str, Any] | None, int]:
+    """The state after every finished operation, the one in flight (if any), and how many
+    operations finished."""
+    pending: dict[str, Any] | None = None
+    done = 0
+    if log_path.exists():
+        for line in log_path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("done"):
+                assert pending is not None and pending["seq"] == rec["seq"]
+                state = apply(state, pending)
+                pending = None
+                done += 1
+            else:
+                assert pending is None, "two operations in flight"
+                pending = rec
+    return state, pending, done
+
+
+async def observe(store: ArtifactStore) -> State:
+    files: dict[str, str] = {}
+    for a in await all_artifacts(store):
+        with store.open_artifact(a["key"]) as f:
+            content = f.read()
+        assert len(content) == a["size"], f"{a['key']} is torn"
+        assert sha(content) == a["sha256"], f"{a['key']} does not match its sha256"
+        files[a["key"]] = a["sha256"]
+    dirs = frozenset(e.name for e in store.readdir(ROOT_ID, 0, 1000) if e.is_dir)
+    return files, dirs
+
+
+def run_child(data_dir: Path, log_path: Path, seed: int, rng: random.Random) -> None:
+    tests_dir = Path(__file__).parent
+    proc = subprocess.Popen(
+        [sys.executable, "-c",
+         f"import test_store_crash as t; t.child_main({str(data_dir)!r}, {str(log_path)!r},"
+         f" {seed})"],
+        cwd=tests_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tests_dir), *sys.path])},
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if line.strip() != b"ready":
+            proc.wait(30)
+            raise AssertionError(f"child failed to start: {proc.stderr.read().decode()[-3000:]}"
+                                 if proc.stderr else "child failed to start")
+        time.sleep(rng.uniform(0.02, 0.6))
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise AssertionError(f"child died on its own:\n{err[-3000:]}")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_sigkill_at_random_points_loses_nothing_committed(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    rng = random.Random(20261127)
+    # A few artifacts to start with, so that the first child has something to replace.
+    async with open_store(data_dir) as store:
+        for i in range(4):
+            await put(store, f"{DIRS[i]}/{NAMES[i]}", rng.randbytes(1000 * i))
+        state = await observe(store)
+    total_done = 0
+    applied_in_flight = 0
+    for round_no in range(ROUNDS):
+        log_path = tmp_path / f"log-{round_no}.jsonl"
+        await trio.to_thread.run_sync(run_child, data_dir, log_path, rng.randrange(2**32), rng)
+        expected, in_flight, done = replay(state, log_path)
+        total_done += done
+        async with open_store(data_dir) as store:
+            actual = await observe(store)
+            if actual != expected:
+                assert in_flight is not None, f"round {round_no}: state differs from the log"
+                assert actual == apply(expected, in_flight), (
+                    f"round {round_no}: {in_flight} is neither applied nor absent")
+                applied_in_flight += 1
+            check_invariants(store)
+            state = actual
+    # The kills must have landed amid real work, or the test proves nothing.
+    assert total_done >= ROUNDS, f"only {total_done} operations finished in {ROUNDS} rounds"
+    print(f"{ROUNDS} kills, {total_done} operations finished,"
+          f" {applied_in_flight} in-flight operations found applied")
