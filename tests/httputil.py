@@ -54,9 +54,19 @@ async def running_server(data_dir: Path, *, token: str | None = None,
     async with open_store(data_dir) as store, trio.open_nursery() as nursery:
         url = await nursery.start(partial(serve_http, store, host, 0, token=token))
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        async with httpx.AsyncClient(base_url=url, timeout=60, headers=headers) as client:
+        async with httpx.AsyncClient(base_url=url, timeout=60, headers=headers,
+                                     event_hooks={"response": [_no_server_error]}) as client:
             yield Server(url=url, store=store, data_dir=data_dir, client=client)
+            # Whatever the test sent, the server must still answer.
+            r = await client.get("/v1/artifacts", params={"limit": 1})
+            assert r.status_code == 200, r.text
         nursery.cancel_scope.cancel()
+
+
+async def _no_server_error(response: httpx.Response) -> None:
+    """No request a test makes may get a 500: bad input is the client's error, never ours."""
+    assert response.status_code < 500 or response.status_code == 507, (
+        f"{response.request.method} {response.request.url} got {response.status_code}")
 
 
 async def raw_request(port: int, head: bytes, body: bytes = b"", *, close_after: bool = False,

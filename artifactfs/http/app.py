@@ -32,9 +32,9 @@ from ..models import (
     PaginatedResponse,
 )
 from ..store import ArtifactStore
-from .auth import BearerToken
 from .content import content_response
 from .errors import OFFSET_HEADER, install_error_handlers
+from .guards import BearerToken, JsonBodyLimit
 
 log = logging.getLogger("artifactfs.http")
 
@@ -72,11 +72,12 @@ def create_app(store: ArtifactStore, *, token: str | None = None) -> FastAPI:
         responses=_ERRORS,  # type: ignore[arg-type]
     )
     install_error_handlers(app)
+    app.add_middleware(JsonBodyLimit, limit=MAX_JSON_BODY,
+                       paths=frozenset({"/v1/artifacts", "/v1/artifacts/bulk"}))
     if token:
         app.add_middleware(BearerToken, token=token)
 
-    @app.post("/v1/artifacts", response_model=ArtifactUploadResponse,
-              max_body_size=MAX_JSON_BODY)
+    @app.post("/v1/artifacts", response_model=ArtifactUploadResponse)
     async def create_upload_session(
         request: Annotated[CreateUploadSessionRequest, Body()],
     ) -> ArtifactUploadResponse:
@@ -84,7 +85,7 @@ def create_app(store: ArtifactStore, *, token: str | None = None) -> FastAPI:
         return await store.create_upload_session(
             request.key, request.mime_type, request.size)
 
-    @app.post("/v1/artifacts/bulk", status_code=204, max_body_size=MAX_JSON_BODY)
+    @app.post("/v1/artifacts/bulk", status_code=204)
     async def bulk_delete_artifacts(request: Annotated[BulkDeleteRequest, Body()]) -> Response:
         """Delete every listed key, or none of them if any is invalid or absent."""
         await store.bulk_delete_artifacts(request)

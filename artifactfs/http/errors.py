@@ -79,8 +79,6 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
         allowed = (exc.headers or {}).get("Allow", "")
         detail = f"method {request.method} is not allowed on {request.url.path}" + (
             f" (allowed: {allowed})" if allowed else "")
-    elif status == 413:
-        detail = "request body is too large for this route"
     else:
         detail = str(exc.detail)
     return JSONResponse({"detail": detail}, status_code=status, headers=exc.headers)
