@@ -43,7 +43,9 @@ log = logging.getLogger("artifactfs.client")
 PUT_CHUNK = 8 << 20  # one request per 8 MiB: a lost connection costs at most one chunk's resend
 GET_CHUNK = 1 << 20
 PAGE = 1000
-PROGRESS_DELAY = 0.5  # seconds before a bar appears: short transfers stay silent
+PROGRESS_DELAY = 0.5
+BUSY_RETRIES = 20
+BUSY_WAIT = 0.5  # seconds before a bar appears: short transfers stay silent
 
 
 class CommandError(Exception):
@@ -203,6 +205,7 @@ def _send(http: httpx.Client, f: BinaryIO, session: dict[str, Any], key: str) ->
     size = int(session["size"])
     offset = int(session["offset"])
     uri = session["uri"]
+    busy = 0
     with Transfer(f"put {key}", size, offset) as bar:
         while True:
             f.seek(offset)
@@ -210,11 +213,17 @@ def _send(http: httpx.Client, f: BinaryIO, session: dict[str, Any], key: str) ->
             r = http.post(uri, content=chunk, headers={"Upload-Offset": str(offset),
                                                        "Content-Type":
                                                        "application/octet-stream"})
-            if r.status_code == 409 and isinstance(r.json().get("offset"), int):
-                # A chunk we thought lost did arrive (or another put runs): follow the server.
-                true_offset = r.json()["offset"]
+            true_offset = _conflict_offset(r)
+            if true_offset is not None and true_offset != offset:
+                # Bytes we thought lost did arrive: follow the server, never resend them.
                 bar.advance(true_offset - offset)
                 offset = true_offset
+                continue
+            if true_offset is not None and busy < BUSY_RETRIES:
+                # The daemon is still finishing a request of an interrupted run (it has not
+                # yet seen that connection drop): wait for it rather than fail.
+                busy += 1
+                time.sleep(BUSY_WAIT)
                 continue
             body = _check(r).json()
             offset += len(chunk)
@@ -223,6 +232,17 @@ def _send(http: httpx.Client, f: BinaryIO, session: dict[str, Any], key: str) ->
                 return dict(body)
             if offset >= size:
                 raise CommandError(f"the daemon did not commit {key} after its last byte")
+
+
+def _conflict_offset(r: httpx.Response) -> int | None:
+    """The session's true offset when the daemon refused a chunk with 409, else None."""
+    if r.status_code != 409:
+        return None
+    with contextlib.suppress(ValueError, AttributeError):
+        offset = r.json().get("offset")
+        if isinstance(offset, int):
+            return offset
+    return None
 
 
 # --- get -----------------------------------------------------------------------------------
