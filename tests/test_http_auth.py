@@ -107,3 +107,9 @@ def test_serve_command_refuses_a_public_bind_without_token(tmp_path: Path) -> No
     assert r.returncode != 0
     assert "needs a bearer token" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+async def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    async with running_server(tmp_path / "a") as first, open_store(tmp_path / "b") as store:
+        with pytest.raises(InvalidArgument, match=r"cannot listen on 127\.0\.0\.1"):
+            await serve_http(store, "127.0.0.1", first.port)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 from functools import partial
 
 import trio
@@ -29,6 +30,16 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # a host name: it may resolve to anything, so it needs a token
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port, or an error that says why there cannot be one."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=1024)
+    except OSError as exc:
+        raise InvalidArgument(
+            f"cannot listen on {_url_host(host)}:{port}: {exc.strerror or exc}") from None
 
 
 def _url_host(host: str) -> str:
@@ -54,19 +65,22 @@ async def serve_http(
         raise InvalidArgument(
             f"refusing to serve HTTP on {host}: binding beyond loopback needs a bearer token"
             " (--token or ARTIFACTFS_TOKEN); use 127.0.0.1 to serve this machine only")
+    sock = _listen(host, port)
+    bound_port = sock.getsockname()[1]
     config = Config()
-    config.bind = [f"{_url_host(host)}:{port}"]
+    # hypercorn takes over our socket: we bound it, so a port in use is a clear error here
+    # (not an exception group from inside hypercorn) and port 0 is known before we serve.
+    config.bind = [f"fd://{sock.detach()}"]
     # One access line per request is noise at INFO; it is there with -v (DEBUG).
     if logging.getLogger().isEnabledFor(logging.DEBUG):
         config.accesslog = logging.getLogger("artifactfs.http.access")
     config.errorlog = logging.getLogger("artifactfs.http.server")
     # Cancellation is how the daemon stops us; do not linger on idle keep-alive connections.
     config.graceful_timeout = 1.0
+    store.uri_base = f"http://{_url_host(host)}:{bound_port}"
     app = create_app(store, token=token)
     async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(partial(serve, app, config))  # type: ignore[arg-type]
-        bound_port = int(binds[0].rpartition(":")[2]) if binds else port
-        store.uri_base = f"http://{_url_host(host)}:{bound_port}"
+        await nursery.start(partial(serve, app, config))  # type: ignore[arg-type]
         log.info("serving the Artifacts API at %s (OpenAPI at %s/openapi.json)%s",
                  store.uri_base, store.uri_base, " with a bearer token" if token else "")
         task_status.started(store.uri_base)
