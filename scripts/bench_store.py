@@ -1,0 +1,275 @@
+#!/usr/bin/env python3
+"""Benchmark of the store layer (issue 2); numbers go to docs/PERFORMANCE.md, section "Store".
+
+    .venv/bin/python scripts/bench_store.py [--artifacts 1000000] [--big-dir 100000]
+                                            [--commits 10000] [--dir /var/tmp]
+
+1. Commits: N small artifacts through the real service API (create_upload_session +
+   upload_content_to_session) against writing and renaming the same files on the native disk,
+   in the same run, on the same file system. Prints the ratio (target: < 3).
+2. Query plans: a metadata database with 1,000,000 artifacts (rows inserted directly with one
+   executemany, since the point is the plans, not the commit path), one directory of them with
+   100,000 children. Prints EXPLAIN QUERY PLAN of every query a lookup, a readdir and a listing
+   use, and times them: nothing may SCAN the table.
+3. Paging: list_artifacts through 100k+ artifacts page by page; the first and the last pages
+   must cost the same (the cursor cache keyed by start_index), i.e. paging is not O(n^2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from artifactfs import open_store
+from artifactfs.store import ArtifactStore
+from artifactfs.store.metadata import ENTRY_COLUMNS
+from artifactfs.store.schema import ROOT_ID
+
+
+def plan(store: ArtifactStore, sql: str, params: tuple[object, ...]) -> list[str]:
+    return [r[3] for r in store.meta.conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
+
+
+def show_plan(name: str, lines: list[str]) -> None:
+    scan = any(line.startswith("SCAN entries") and "INDEX" not in line for line in lines)
+    print(f"  {name:<34} {' | '.join(lines)}{'   <-- FULL SCAN' if scan else ''}")
+
+
+# --- 1. commits ----------------------------------------------------------------------------
+
+def native_commits(root: Path, payloads: list[bytes]) -> float:
+    """Write each file under a temporary name and rename it into place, as a careful tool does."""
+    (root / "tmp").mkdir(parents=True)
+    (root / "files").mkdir()
+    for d in range(len(payloads) // 100 + 1):
+        (root / "files" / f"d{d:03d}").mkdir()
+    t0 = time.perf_counter()
+    for i, data in enumerate(payloads):
+        tmp = root / "tmp" / f"{i}.part"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.rename(tmp, root / "files" / f"d{i // 100:03d}" / f"a{i:06d}.bin")
+    return time.perf_counter() - t0
+
+
+async def store_commits(root: Path, payloads: list[bytes]) -> float:
+    async with open_store(root) as store:
+        t0 = time.perf_counter()
+        for i, data in enumerate(payloads):
+            s = await store.create_upload_session(
+                f"files/d{i // 100:03d}/a{i:06d}.bin", "application/octet-stream", len(data))
+            await store.upload_content_to_session(s.id, data)
+        elapsed = time.perf_counter() - t0
+        assert (await store.get_artifact("files/d000/a000001.bin")).size == len(payloads[1])
+    return elapsed
+
+
+async def bench_commits(base: Path, n: int, size: int, repeats: int) -> None:
+    print(f"\n== 1. committing {n} artifacts of {size} bytes (best of {repeats}) ==")
+    payloads = [os.urandom(size) for _ in range(n)]
+    native: list[float] = []
+    ours: list[float] = []
+    for r in range(repeats):
+        native.append(native_commits(base / f"native{r}", payloads))
+        ours.append(await store_commits(base / f"store{r}", payloads))
+        shutil.rmtree(base / f"native{r}")
+        shutil.rmtree(base / f"store{r}")
+    best_native, best_ours = min(native), min(ours)
+    print(f"  native write+rename: {best_native:.3f} s ({best_native / n * 1e6:.0f} us/file)")
+    print(f"  store commits:       {best_ours:.3f} s ({best_ours / n * 1e6:.0f} us/artifact)")
+    print(f"  ratio store/native:  {best_ours / best_native:.2f}  (target < 3)")
+    print(f"  all runs: native {[round(x, 3) for x in native]},"
+          f" store {[round(x, 3) for x in ours]}")
+
+
+# --- 2. query plans on 1M artifacts --------------------------------------------------------
+
+def build_million(store: ArtifactStore, n_artifacts: int, big_dir: int) -> None:
+    """Directory rows and artifact rows straight into the tables, in one transaction."""
+    conn = store.meta.conn
+    now = time.time_ns()
+    rest = n_artifacts - big_dir
+    per_dir = 1000
+    n_dirs = rest // per_dir
+    with store.meta.transaction():
+        top = conn.execute(
+            "INSERT INTO entries (parent_id, name, key, kind, mode, mtime_ns, ctime_ns)"
+            " VALUES (?, 'datasets', 'datasets', 'dir', 493, ?, ?)",
+            (ROOT_ID, now, now)).lastrowid
+        big = conn.execute(
+            "INSERT INTO entries (parent_id, name, key, kind, mode, mtime_ns, ctime_ns)"
+            " VALUES (?, 'big', 'big', 'dir', 493, ?, ?)", (ROOT_ID, now, now)).lastrowid
+        dir_ids = []
+        for d in range(n_dirs):
+            dir_ids.append(conn.execute(
+                "INSERT INTO entries (parent_id, name, key, kind, mode, mtime_ns, ctime_ns)"
+                " VALUES (?, ?, ?, 'dir', 493, ?, ?)",
+                (top, f"shard{d:04d}", f"datasets/shard{d:04d}", now, now)).lastrowid)
+
+        def rows():  # type: ignore[no-untyped-def]
+            digest = "0" * 64
+            for d, did in enumerate(dir_ids):
+                for i in range(per_dir):
+                    name = f"part-{i:05d}.jsonl"
+                    yield (did, name, f"datasets/shard{d:04d}/{name}", now, now,
+                           f"{d:04x}{i:05x}{'0' * 23}", 1234, digest, now // 10**9)
+            for i in range(big_dir):
+                name = f"f{i:06d}.bin"
+                yield (big, name, f"big/{name}", now, now, f"b{i:07x}{'0' * 24}", 1, digest,
+                       now // 10**9)
+
+        conn.executemany(
+            "INSERT INTO entries (parent_id, name, key, kind, mode, mtime_ns, ctime_ns,"
+            " blob_id, size, sha256, mime_type, created_at)"
+            " VALUES (?, ?, ?, 'file', 420, ?, ?, ?, ?, ?, 'application/jsonl', ?)", rows())
+    conn.execute("ANALYZE")
+
+
+def timed(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - t0) / repeat
+
+
+async def bench_queries(base: Path, n_artifacts: int, big_dir: int) -> None:
+    print(f"\n== 2. query plans with {n_artifacts} artifacts, one directory of {big_dir} ==")
+    root = base / "million"
+    async with open_store(root) as store:
+        t0 = time.perf_counter()
+        build_million(store, n_artifacts, big_dir)
+        print(f"  built in {time.perf_counter() - t0:.1f} s")
+    t0 = time.perf_counter()
+    async with open_store(root) as store:
+        print(f"  open (with recovery) of the 1M-artifact store: {time.perf_counter() - t0:.3f} s")
+        count = store.meta.conn.execute(
+            "SELECT count(*) FROM entries WHERE kind = 'file'").fetchone()[0]
+        print(f"  artifacts: {count}")
+        big = store.lookup(ROOT_ID, "big")
+        rng = random.Random(1)
+        keys = [f"datasets/shard{rng.randrange(count // 1000 - 1):04d}/part-"
+                f"{rng.randrange(1000):05d}.jsonl" for _ in range(2000)]
+        print("  EXPLAIN QUERY PLAN:")
+        E = ENTRY_COLUMNS
+        show_plan("get_artifact (entry_by_key)",
+                  plan(store, f"SELECT {E} FROM entries WHERE key = ?", (keys[0],)))
+        show_plan("lookup (child)", plan(
+            store, f"SELECT {E} FROM entries WHERE parent_id = ? AND name = ?", (big.id, "x")))
+        show_plan("readdir (children)", plan(
+            store, f"SELECT {E} FROM entries WHERE parent_id = ? AND id > ? ORDER BY id LIMIT ?",
+            (big.id, 0, 1000)))
+        show_plan("getattr nlink (count_subdirs)", plan(
+            store, "SELECT count(*) FROM entries WHERE parent_id = ? AND kind = 'dir'",
+            (big.id,)))
+        show_plan("rmdir (has_children)", plan(
+            store, "SELECT 1 FROM entries WHERE parent_id = ? LIMIT 1", (big.id,)))
+        page_sql = (f"SELECT {E} FROM entries INDEXED BY artifacts_by_key WHERE kind = 'file'"
+                    " AND blob_id IS NOT NULL AND key >= ? AND key < ? AND key > ?"
+                    " ORDER BY key LIMIT ? OFFSET ?")
+        show_plan("list_artifacts (prefix, cursor)",
+                  plan(store, page_sql, ("big/", "big0", "big/f000100.bin", 101, 0)))
+        show_plan("rename dir (rekey_subtree)", plan(
+            store, "UPDATE entries SET key = ? || substr(key, ?) WHERE key >= ? AND key < ?",
+            ("x/", 5, "big/", "big0")))
+        show_plan("start-up (not_durable)", plan(
+            store, f"SELECT {E} FROM entries WHERE durable = 0 LIMIT ?", (1000,)))
+        show_plan("start-up (orphan blobs)", plan(
+            store, "SELECT blob_id FROM entries WHERE blob_id >= ? AND blob_id < ?",
+            ("ab", "ab~")))
+        show_plan("start-up (pending files)", plan(
+            store, f"SELECT {E} FROM entries WHERE kind = 'file' AND blob_id IS NULL AND id NOT IN"
+            " (SELECT entry_id FROM sessions WHERE entry_id IS NOT NULL)", ()))
+
+        it = iter(keys * 2)
+
+        async def lookups() -> float:
+            t0 = time.perf_counter()
+            for _ in range(2000):
+                await store.get_artifact(next(it))
+            return (time.perf_counter() - t0) / 2000
+
+        print(f"  get_artifact of a random key among {count}: {await lookups() * 1e6:.1f} us")
+
+        t0 = time.perf_counter()
+        after, seen, pages = 0, 0, []
+        while True:
+            p0 = time.perf_counter()
+            page = store.readdir(big.id, after, 1000)
+            pages.append(time.perf_counter() - p0)
+            if not page:
+                break
+            seen += len(page)
+            after = page[-1].id
+        total = time.perf_counter() - t0
+        print(f"  readdir of the {seen}-entry directory, 1000 per call: {total:.3f} s;"
+              f" first page {pages[0] * 1e3:.2f} ms, last full page {pages[-2] * 1e3:.2f} ms")
+        t = timed(lambda: store.subdir_count(big.id), 20)
+        print(f"  subdir_count (nlink) of that directory: {t * 1e6:.0f} us")
+        t = timed(lambda: store.lookup(big.id, "f054321.bin"), 2000)
+        print(f"  lookup of one name in it: {t * 1e6:.1f} us")
+        await bench_paging(store, "big/", big_dir)
+        await bench_paging(store, "", min(count, 300_000))
+
+
+async def bench_paging(store: ArtifactStore, prefix: str, n: int) -> None:
+    limit = 1000
+    label = f"prefix {prefix!r}" if prefix else "no prefix"
+    times: list[float] = []
+    got = 0
+    t0 = time.perf_counter()
+    while got < n:
+        p0 = time.perf_counter()
+        page = await store.list_artifacts(got, limit, prefix=prefix or None)
+        times.append(time.perf_counter() - p0)
+        got += len(page.data)
+        if not page.has_more:
+            break
+    total = time.perf_counter() - t0
+    first = statistics.mean(times[:10])
+    last = statistics.mean(times[-10:])
+    print(f"\n== 3. list_artifacts paging, {label}: {got} artifacts in {len(times)} pages"
+          f" of {limit} ==")
+    print(f"  total {total:.2f} s; first 10 pages {first * 1e3:.2f} ms/page,"
+          f" last 10 pages {last * 1e3:.2f} ms/page (ratio {last / first:.2f}; O(n^2) would"
+          f" be ~{len(times) / 10:.0f}x)")
+    store._cursors.clear()  # what a client jumping straight to a deep page pays
+    p0 = time.perf_counter()
+    await store.list_artifacts(got - limit, limit, prefix=prefix or None)
+    print(f"  one deep page without a cached cursor (OFFSET {got - limit}):"
+          f" {(time.perf_counter() - p0) * 1e3:.1f} ms")
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--artifacts", type=int, default=1_000_000)
+    ap.add_argument("--big-dir", type=int, default=100_000)
+    ap.add_argument("--commits", type=int, default=10_000)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dir", default=None, help="where to work (default: a temp dir)")
+    ap.add_argument("--skip", choices=["commits", "queries"], default=None)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-store-") as tmp:
+        base = Path(tmp)
+        st = os.statvfs(base)
+        print(f"working in {base} (python {sys.version.split()[0]}, {os.cpu_count()} cpus,"
+              f" {st.f_bavail * st.f_frsize // 2**30} GiB free)")
+        if args.skip != "commits":
+            await bench_commits(base, args.commits, args.size, args.repeats)
+        if args.skip != "queries":
+            await bench_queries(base, args.artifacts, args.big_dir)
+
+
+if __name__ == "__main__":
+    trio.run(main)
