@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import trio
 from httputil import Server, running_server
 
 from artifactfs.http.content import RangeNotSatisfiable, byte_range
@@ -128,3 +130,30 @@ def test_byte_range_rules() -> None:
         byte_range("bytes=10-", 10)
     with pytest.raises(RangeNotSatisfiable):
         byte_range("bytes=-1", 0)
+
+
+def _open_blobs(data_dir: Path) -> list[str]:
+    """Files under the data directory this process holds open (the test runs the server)."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(data_dir)) and "blob" in target:
+            held.append(target)
+    return held
+
+
+async def test_abandoned_downloads_close_their_files(server: Server) -> None:
+    art = await server.put("big", os.urandom(8 << 20))
+    for _ in range(5):
+        async with server.client.stream("GET", art["uri"]) as r:
+            async for _part in r.aiter_bytes():
+                break  # hang up after the first bytes
+    for _ in range(100):
+        if not _open_blobs(server.data_dir):
+            break
+        await trio.sleep(0.05)
+    assert _open_blobs(server.data_dir) == []
+    assert (await server.client.get(art["uri"], headers={"Range": "bytes=-4"})).status_code == 206
