@@ -1,0 +1,71 @@
+"""Run the mount of one open store until it is unmounted or cancelled."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pyfuse3
+import trio
+
+from ..store import ArtifactStore
+from .kernel_cache import KernelCache
+from .mountpoint import raise_read_ahead
+from .operations import Operations
+
+log = logging.getLogger("artifactfs.mount")
+
+# The kernel's INIT normally arrives within milliseconds of the mount; past this we report
+# ready anyway (a caller that touches the mount then simply waits for the kernel).
+INIT_WAIT = 10.0
+
+
+def mount_options(store: ArtifactStore, *, allow_other: bool) -> set[str]:
+    """Mount-level options only: PLATFORM.md lists what pyfuse3 refuses (max_write ...)."""
+    # The data directory as the source (as sshfs shows user@host:path): `mount` and `df` tell
+    # the user which store is mounted, and `artifactfs umount` finds whose lock to wait for.
+    source = os.fspath(store.data.root).replace("\\", "\\\\").replace(",", "\\,")
+    options = set(pyfuse3.default_options)  # default_permissions: mode bits are enforced
+    options |= {f"fsname={source}", "subtype=artifactfs", "noatime"}
+    if allow_other:
+        options.add("allow_other")
+    return options
+
+
+async def serve_mount(
+    store: ArtifactStore,
+    mountpoint: str,
+    *,
+    allow_other: bool = False,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Mount ``store`` at ``mountpoint`` and answer the kernel until unmounted or cancelled.
+
+    ``task_status.started()`` is called once the kernel has connected. Returns when someone
+    unmounts (``fusermount3 -u``, ``artifactfs umount``); on cancellation (SIGINT/SIGTERM in
+    the daemon) it unmounts itself, lazily if files are still open.
+    """
+    ops = Operations(store)
+    cache = KernelCache()
+    store.add_listener(cache.notice)
+    pyfuse3.init(ops, mountpoint, mount_options(store, allow_other=allow_other))
+    log.info("mounted %s at %s", store.data.root, mountpoint)
+    try:
+        raise_read_ahead(mountpoint)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.run)
+
+            async def answer_kernel() -> None:
+                await pyfuse3.main()
+                log.info("%s was unmounted", mountpoint)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(answer_kernel)
+            with trio.move_on_after(INIT_WAIT):
+                await ops.initialized.wait()
+            task_status.started()
+    finally:
+        busy = ops.open_handles()
+        pyfuse3.close(unmount=True)
+        log.info("mount at %s closed%s", mountpoint,
+                 f" ({busy} files were still open; detached)" if busy else "")

@@ -1,0 +1,379 @@
+"""The pyfuse3 ``Operations`` of the mount: a thin adapter over the store.
+
+Each handler turns a kernel request into one store call and the store's errors into their
+errno (errors.py, DESIGN §5). No rule about keys, the tree or commits is decided here; what
+lives here is the state of open files (file handles) that only the mount has.
+
+Open files: a read handle holds an fd on what the file was when it was opened (open_read);
+a writable handle shares its inode's ``WriteSession`` and writes into its staging file with
+``os.pwrite`` inline (PLATFORM.md: a thread hop per request costs more than it saves).
+
+Commit timing: the kernel sends RELEASE *after* close(2) has returned (asynchronously), so a
+program that closes a file and then asks the HTTP face for it could race the commit. The commit
+therefore happens at the FLUSH of the last writable handle (flush is synchronous with close),
+and a handle written to again after that (a dup'd descriptor, a shared mapping) joins a fresh
+session that commits at its own last flush or release.
+
+Within the mount one inode is one file, as on a disk: the kernel's page cache is shared by every
+handle of an inode, so a reader of a file being rewritten through the mount reads the writer's
+bytes, and after the commit its handle follows the new version. A reader keeps its old bytes
+when the name is replaced by rename or by another face, or when the file is unlinked.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from ..errors import ArtifactError
+from ..models import MAX_COMPONENT_BYTES
+from ..store import ArtifactStore, Entry, WriteSession
+from .attributes import entry_attributes
+
+log = logging.getLogger("artifactfs.fs")
+
+# Entries per store query while listing a directory: one query per batch (PLATFORM.md).
+READDIR_BATCH = 512
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Raise every failure as FUSEError(errno): pyfuse3 lets any other exception end the loop
+    and leaves the request unanswered (the caller would hang)."""
+
+    @functools.wraps(fn)
+    async def handler(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except ArtifactError as exc:
+            if exc.errno == errno.EIO:
+                log.error("%s failed: %s", fn.__name__, exc)
+            else:
+                log.debug("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise pyfuse3.FUSEError(exc.errno) from None
+            log.exception("%s failed", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return handler
+
+
+@dataclass(eq=False)
+class FileHandle:
+    """One open file description of the kernel (one open(2), shared by dup and fork)."""
+
+    inode: int
+    # What the file was when opened (last known row): stat on a file unlinked while open.
+    entry: Entry
+    # Read-only fd this handle owns: the version it reads when no one is writing the inode.
+    fd: int | None = None
+    # The inode's write session while this handle is one of its writers.
+    ws: WriteSession | None = None
+    writable: bool = False
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+class Operations(pyfuse3.Operations):
+    """The mount's request handlers (see the module docstring for open-file semantics)."""
+
+    # PLATFORM.md: cp into the mount 0.47 -> ~0.8 GB/s; the kernel may then read from files
+    # opened write-only and turns O_APPEND into positioned writes (staging files are O_RDWR).
+    enable_writeback_cache = True
+
+    def __init__(self, store: ArtifactStore) -> None:
+        super().__init__()
+        self.store = store
+        self._handles: dict[int, FileHandle] = {}
+        self._by_inode: dict[int, set[FileHandle]] = {}
+        self._next_fh = itertools.count(1)
+        self.initialized = trio.Event()
+
+    def init(self) -> None:
+        # Called when the kernel's INIT arrives: from here on the mount answers requests.
+        self.initialized.set()
+        log.info("the kernel connected to the mount")
+
+    # --- attributes and names --------------------------------------------------------------
+
+    def _attrs(self, e: Entry) -> pyfuse3.EntryAttributes:
+        return entry_attributes(e, subdirs=self.store.subdir_count(e.id) if e.is_dir else 0)
+
+    @translated
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+                     ) -> pyfuse3.EntryAttributes:
+        return self._attrs(self.store.lookup(parent_inode, os.fsdecode(name)))
+
+    @translated
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None
+                      ) -> pyfuse3.EntryAttributes:
+        try:
+            return self._attrs(self.store.entry(inode))
+        except ArtifactError as exc:
+            if exc.errno != errno.ENOENT or not self._by_inode.get(inode):
+                raise
+        return self._unlinked_attrs(inode)
+
+    def _unlinked_attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+        """fstat on a file unlinked while open: what its handles still read, with nlink 0."""
+        h = next(iter(self._by_inode[inode]))
+        fd = h.ws.fd if h.ws is not None else h.fd
+        e = h.entry if fd is None else replace(h.entry, size=os.fstat(fd).st_size)
+        return entry_attributes(e, nlink=0)
+
+    def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        # Inode numbers are entry ids, stable for an entry's life: nothing to count or free.
+        return None
+
+    @translated
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if fields.update_size:
+            await self.store.truncate(inode, attr.st_size)
+        if fields.update_mode or fields.update_uid or fields.update_gid or fields.update_mtime:
+            self.store.set_attrs(
+                inode,
+                mode=attr.st_mode if fields.update_mode else None,
+                uid=attr.st_uid if fields.update_uid else None,
+                gid=attr.st_gid if fields.update_gid else None,
+                mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            )
+        return await self.getattr(inode, ctx)
+
+    # --- directories -----------------------------------------------------------------------
+
+    @translated
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        return inode
+
+    @translated
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        # The cursor is the last entry id reported: stable while entries come and go, and
+        # each batch is one indexed query (no O(n^2) paging over a 100k-entry directory).
+        after = start_id
+        while True:
+            batch = self.store.readdir(fh, after, READDIR_BATCH)
+            for e in batch:
+                if not pyfuse3.readdir_reply(token, os.fsencode(e.name), self._attrs(e), e.id):
+                    return
+            if len(batch) < READDIR_BATCH:
+                return
+            after = batch[-1].id
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @translated
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        e = self.store.mkdir(parent_inode, os.fsdecode(name), mode, ctx.uid, ctx.gid)
+        return self._attrs(e)
+
+    @translated
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.store.rmdir(parent_inode, os.fsdecode(name))
+
+    @translated
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.store.unlink(parent_inode, os.fsdecode(name))
+
+    @translated
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        self.store.rename(parent_inode_old, os.fsdecode(name_old), parent_inode_new,
+                          os.fsdecode(name_new), flags)
+
+    @translated
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        e = self.store.symlink(parent_inode, os.fsdecode(name), os.fsdecode(target),
+                               ctx.uid, ctx.gid)
+        return self._attrs(e)
+
+    @translated
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return os.fsencode(self.store.readlink(inode))
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        # DESIGN §3: hard links are not offered; fail at once, not with ENOSYS.
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        # DESIGN §3: device nodes, FIFOs and sockets are not offered (regular files arrive
+        # through create).
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @translated
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = self.store.statfs()
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = st.f_bsize
+        out.f_frsize = st.f_frsize
+        out.f_blocks = st.f_blocks
+        out.f_bfree = st.f_bfree
+        out.f_bavail = st.f_bavail
+        out.f_files = st.f_files
+        out.f_ffree = st.f_ffree
+        out.f_favail = st.f_favail
+        out.f_namemax = MAX_COMPONENT_BYTES
+        return out
+
+    # --- open files ------------------------------------------------------------------------
+
+    def _add_handle(self, h: FileHandle) -> int:
+        fh = next(self._next_fh)
+        self._handles[fh] = h
+        self._by_inode.setdefault(h.inode, set()).add(h)
+        return fh
+
+    @translated
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        e, ws = self.store.create_file(parent_inode, os.fsdecode(name), mode, ctx.uid, ctx.gid)
+        fh = self._add_handle(FileHandle(inode=e.id, entry=e, ws=ws, writable=True))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attrs(e)
+
+    @translated
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
+                   ) -> pyfuse3.FileInfo:
+        if flags & os.O_ACCMODE == os.O_RDONLY:
+            fd = self.store.open_read(inode)
+            try:
+                h = FileHandle(inode=inode, entry=self.store.entry(inode), fd=fd)
+            except BaseException:
+                os.close(fd)
+                raise
+        else:
+            ws = await self.store.open_write(inode, truncate=bool(flags & os.O_TRUNC))
+            h = FileHandle(inode=inode, entry=self.store.entry(inode), ws=ws, writable=True)
+        # keep_cache: a committed artifact never changes under its inode except through this
+        # mount (the kernel saw it) or another face (kernel_cache.py invalidates it).
+        return pyfuse3.FileInfo(fh=self._add_handle(h), keep_cache=True)
+
+    def _read_fd(self, h: FileHandle) -> int:
+        if h.ws is not None:
+            return h.ws.fd
+        ws = self.store.active_write(h.inode)
+        if ws is not None:
+            return ws.fd  # being rewritten through the mount: read what the writer wrote
+        if h.fd is None:
+            h.fd = self.store.open_read(h.inode)
+        return h.fd
+
+    @translated
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return os.pread(self._read_fd(self._handles[fh]), size, off)
+
+    @translated
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        h = self._handles[fh]
+        if h.ws is None:
+            # Written again after its commit at flush (a dup'd fd, a shared mapping).
+            async with h.lock:
+                if h.ws is None:
+                    h.ws = await self.store.open_write(h.inode, truncate=False)
+        ws = h.ws
+        n = os.pwrite(ws.fd, buf, off)
+        ws.wrote()
+        return n
+
+    @translated
+    async def flush(self, fh: int) -> None:
+        h = self._handles[fh]
+        if h.ws is not None and h.ws.writers == 1:
+            await self._commit(h)
+
+    @translated
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        h = self._handles[fh]
+        if h.ws is not None:
+            await self.store.sync_write(h.ws)
+
+    @translated
+    async def release(self, fh: int) -> None:
+        h = self._handles.pop(fh)
+        handles = self._by_inode.get(h.inode)
+        try:
+            if h.ws is not None:
+                await self._commit(h)
+        finally:
+            if handles is not None:
+                handles.discard(h)
+                if not handles:
+                    del self._by_inode[h.inode]
+            if h.fd is not None:
+                os.close(h.fd)
+                h.fd = None
+
+    async def _commit(self, h: FileHandle) -> None:
+        """This handle stops writing; if it was the last writer, the file commits."""
+        async with h.lock:
+            ws, h.ws = h.ws, None
+            if ws is None:
+                return
+            if h.fd is None:
+                # The staging file becomes the blob (a hard link), so this fd reads what
+                # the handle committed.
+                h.fd = os.dup(ws.fd)
+            committed = await self.store.release_write(ws)
+        if committed is not None:
+            self._follow_new_version(h, committed)
+
+    def _follow_new_version(self, writer: FileHandle, e: Entry) -> None:
+        """Readers of an inode rewritten through the mount read the new version (the page
+        cache they share already holds it)."""
+        for other in self._by_inode.get(writer.inode, ()):
+            other.entry = e
+            if other is not writer and other.ws is None and other.fd is not None:
+                old, other.fd = other.fd, self.store.open_read(writer.inode)
+                os.close(old)
+
+    # --- extended attributes ---------------------------------------------------------------
+
+    @translated
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if not name.startswith(b"user."):
+            # The kernel asks for security.capability around every write (PLATFORM.md): the
+            # store shows only user. attributes, so answer without touching the database.
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return self.store.get_xattr(inode, os.fsdecode(name))
+
+    @translated
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return [os.fsencode(n) for n in self.store.xattr_names(inode)]
+
+    @translated
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        self.store.set_xattr(inode, os.fsdecode(name), value)
+
+    @translated
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.store.remove_xattr(inode, os.fsdecode(name))
+
+    def open_handles(self) -> int:
+        """How many files are open (logged at shutdown: a busy mount was detached)."""
+        return len(self._handles)
