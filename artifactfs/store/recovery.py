@@ -13,7 +13,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..errors import ArtifactError
+from ..models import validate_name
 from .blobs import fsync_path, sha256_of_path
+from .schema import ROOT_ID
 
 if TYPE_CHECKING:
     from .service import ArtifactStore
@@ -109,72 +112,166 @@ class FsckReport:
     problems: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
     unrepaired: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def clean(self) -> bool:
         return not self.problems
 
+    def damage(self, problem: str, *, fixed: str | None = None, advice: str | None = None,
+               repair: bool = False) -> None:
+        """Record a problem; ``fixed`` says what --repair did, ``advice`` what it cannot do."""
+        self.problems.append(problem)
+        if advice is not None:
+            self.unrepaired.append(advice)
+        elif repair and fixed is not None:
+            self.repaired.append(fixed)
+
 
 def fsck(store: ArtifactStore, *, repair: bool = False) -> FsckReport:
-    """Check every row against its blob and the tree's invariants; repair what is safe."""
+    """Check every row against its blob, every file on disk against the rows, every session
+    and the tree's invariants; with ``repair``, fix what is safe.
+
+    Runs on a data directory whose lock the caller holds and that start-up recovery has NOT
+    touched: recovery cleans crash leftovers silently, which would hide them from the report.
+    Safe to repair: files no row points at, sessions no one can resume (expired, without
+    bytes, a mount write whose daemon is gone), pending files without a session, and lost
+    directory rows (recreated from the keys under them). Not safe: an artifact whose bytes
+    are missing or differ from its digest, a file/directory clash, a key out of step with
+    the tree. Those are reported with what the user can do.
+    """
     meta, data = store.meta, store.data
     report = FsckReport()
-    for e in meta.iter_artifacts():
+    _check_database(store, report)
+    if report.unrepaired:
+        return report  # a damaged database: the rows cannot be trusted for the rest
+    _check_artifacts(store, report)
+    _check_blobs(store, report, repair)
+    _check_sessions(store, report, repair)
+    _check_tree(store, report, repair)
+    report.counts = {
+        "entries": meta.conn.execute("SELECT count(*) FROM entries").fetchone()[0],
+        "sessions": len(meta.all_sessions()),
+        "blobs": sum(1 for _ in data.iter_blob_ids()),
+    }
+    return report
+
+
+def _check_database(store: ArtifactStore, report: FsckReport) -> None:
+    rows = [r[0] for r in store.meta.conn.execute("PRAGMA integrity_check")]
+    if rows != ["ok"]:
+        report.problems += [f"database: {r}" for r in rows[:20]]
+        report.unrepaired.append(
+            "meta.db is damaged: restore it from a backup (sqlite3 .recover can salvage rows)")
+    root = store.meta.entry(ROOT_ID)
+    if root is None or not root.is_dir or root.key != "" or root.parent_id is not None:
+        report.problems.append("the root directory row (id 1) is missing or altered")
+        report.unrepaired.append("the root directory row is damaged: restore meta.db")
+
+
+def _check_artifacts(store: ArtifactStore, report: FsckReport) -> None:
+    data = store.data
+    for e in store.meta.iter_artifacts():
         report.checked += 1
         assert e.blob_id is not None
         found = sha256_of_path(data.blob_path(e.blob_id))
         if found is None:
-            report.problems.append(f"{e.key}: blob {e.blob_id} is missing")
-            report.unrepaired.append(f"{e.key}: its bytes are gone; delete it or re-upload")
+            report.damage(f"{e.key}: blob {e.blob_id} is missing",
+                          advice=f"{e.key}: its bytes are gone; delete it or re-upload it")
         elif found != (e.sha256, e.size):
-            report.problems.append(
+            report.damage(
                 f"{e.key}: blob has {found[1]} bytes sha256 {found[0][:12]}, row says"
-                f" {e.size} bytes sha256 {(e.sha256 or '')[:12]}")
-            report.unrepaired.append(f"{e.key}: torn or altered bytes; re-upload it")
+                f" {e.size} bytes sha256 {(e.sha256 or '')[:12]}",
+                advice=f"{e.key}: torn or altered bytes; delete it or re-upload it")
+
+
+def _check_blobs(store: ArtifactStore, report: FsckReport, repair: bool) -> None:
     orphans = remove_orphan_blobs(store, dry_run=not repair)
     if orphans:
-        report.problems.append(f"{orphans} blobs no artifact points at")
-        if repair:
-            report.repaired.append(f"removed {orphans} orphan blobs")
+        report.damage(f"{orphans} blobs no artifact points at",
+                      fixed=f"removed {orphans} orphan blobs", repair=repair)
+
+
+def _check_sessions(store: ArtifactStore, report: FsckReport, repair: bool) -> None:
+    meta, data = store.meta, store.data
     sessions = {s.id: s for s in meta.all_sessions()}
     for name in list(data.iter_staging_ids()):
         if name not in sessions:
-            report.problems.append(f"staging file {name} has no session")
+            report.damage(f"staging file {name} has no session",
+                          fixed=f"removed staging file {name}", repair=repair)
             if repair:
                 data.remove_staging(name)
-                report.repaired.append(f"removed staging file {name}")
     now = time.time()
     for s in sessions.values():
-        if s.origin == "http" and s.expires_at is not None and s.expires_at <= now:
-            report.problems.append(f"upload session {s.id} for {s.key} has expired")
+        gone = None
+        try:
+            length: int | None = os.stat(data.staging_path(s.id)).st_size
+        except FileNotFoundError:
+            length = None
+        if s.origin == "mount":
+            # We hold the lock, so no daemon runs: the writer of this file is gone for good.
+            gone = f"mount write session {s.id} for {s.key} outlived its daemon"
+        elif s.expires_at is not None and s.expires_at <= now:
+            gone = f"upload session {s.id} for {s.key} has expired"
+        elif length is None:
+            gone = f"upload session {s.id} for {s.key} has no staging file"
+        elif s.size is None or not 0 <= s.offset <= s.size:
+            gone = f"upload session {s.id} for {s.key} has offset {s.offset} of size {s.size}"
+        if gone is not None:
+            report.damage(gone, fixed=f"removed session {s.id}", repair=repair)
             if repair:
-                meta.delete_session(s.id)
+                e = meta.entry(s.entry_id) if s.entry_id is not None else None
+                with meta.transaction():
+                    meta.delete_session(s.id)
+                    if e is not None and e.is_file and e.blob_id is None:
+                        meta.delete_entry(e.id)
                 data.remove_staging(s.id)
-                report.repaired.append(f"removed expired session {s.id}")
-        elif not data.staging_exists(s.id):
-            report.problems.append(f"upload session {s.id} for {s.key} has no staging file")
+            continue
+        assert length is not None
+        if length < s.offset:
+            report.damage(
+                f"upload session {s.id} for {s.key}: {s.offset} bytes acknowledged,"
+                f" {length} on disk",
+                fixed=f"session {s.id} resumes at {length}", repair=repair)
             if repair:
-                meta.delete_session(s.id)
-                report.repaired.append(f"removed session {s.id} without bytes")
-    # The tree: every entry's parent is a directory, and key == parent.key/name.
+                meta.set_session_offset(s.id, length)
+    for e in meta.pending_files_without_session():
+        report.damage(f"{e.key}: a file being written with no write session",
+                      fixed=f"removed the unfinished file {e.key}", repair=repair)
+        if repair:
+            meta.delete_entry(e.id)
+
+
+def _check_tree(store: ArtifactStore, report: FsckReport, repair: bool) -> None:
+    """Every entry's parent is a directory, key == parent.key/name, names obey the rules."""
+    meta = store.meta
     rows = meta.conn.execute(
-        "SELECT c.id, c.key, c.name, p.id, p.kind, p.key FROM entries c"
-        " LEFT JOIN entries p ON p.id = c.parent_id WHERE c.parent_id IS NOT NULL"
-    )
+        "SELECT c.id, c.key, c.name, c.kind, c.blob_id, p.id, p.kind, p.key FROM entries c"
+        " LEFT JOIN entries p ON p.id = c.parent_id WHERE c.id != ?", (ROOT_ID,)
+    ).fetchall()
     dangling: list[int] = []
-    for cid, key, name, pid, pkind, pkey in rows:
+    for cid, key, name, kind, blob_id, pid, pkind, pkey in rows:
+        try:
+            validate_name(name)
+        except ArtifactError as exc:
+            report.damage(f"{key}: name {name!r} breaks a key rule ({exc})",
+                          advice=f"{key}: rename it through the mount")
+            continue
+        if kind != "file" and blob_id is not None:
+            report.damage(f"{key}: a {kind} that points at blob {blob_id}",
+                          advice=f"{key}: a {kind} row holds bytes; restore meta.db")
         if pid is None:
-            report.problems.append(f"{key}: its parent directory is missing")
+            report.damage(f"{key}: its parent directory is missing",
+                          fixed=f"{key}: recreated its parent directories", repair=repair)
             dangling.append(cid)
         elif pkind != "dir":
-            report.problems.append(f"{key}: its parent {pkey} is not a directory")
-            report.unrepaired.append(f"{key}: file/directory clash; rename one side")
+            report.damage(f"{key}: its parent {pkey} is a {pkind}, not a directory",
+                          advice=f"{key}: file/directory clash with {pkey}; delete one side")
         elif key != (f"{pkey}/{name}" if pkey else name):
-            report.problems.append(f"{key}: key does not match its place {pkey}/{name}")
-            report.unrepaired.append(f"{key}: key out of step with the tree")
+            report.damage(f"{key}: key does not match its place {pkey}/{name}",
+                          advice=f"{key}: key out of step with the tree; restore meta.db")
     if dangling and repair:
         _reattach(store, dangling, report)
-    return report
 
 
 def _reattach(store: ArtifactStore, ids: list[int], report: FsckReport) -> None:
@@ -184,7 +281,10 @@ def _reattach(store: ArtifactStore, ids: list[int], report: FsckReport) -> None:
         e = meta.entry(cid)
         if e is None:
             continue
-        with meta.transaction():
-            parent_id = store._ensure_parents(e.key)
-            meta.update_attrs(cid, parent_id=parent_id)
-        report.repaired.append(f"{e.key}: recreated its parent directories")
+        try:
+            with meta.transaction():
+                parent_id = store._ensure_parents(e.key)
+                meta.update_attrs(cid, parent_id=parent_id)
+        except ArtifactError as exc:
+            report.repaired.remove(f"{e.key}: recreated its parent directories")
+            report.unrepaired.append(f"{e.key}: cannot recreate its parents: {exc}")
