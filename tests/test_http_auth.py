@@ -43,6 +43,10 @@ async def test_every_route_wants_the_token(tmp_path: Path) -> None:
                     assert r.status_code == 401, (auth, method, path)
                     assert r.headers["www-authenticate"].startswith("Bearer")
                     assert "token" in r.json()["detail"]
+            # A big upload with a wrong token reads its 401, not a connection reset.
+            r = await anon.post(s["uri"], content=b"z" * (20 << 20),
+                                headers={"Authorization": "Bearer nope"})
+            assert r.status_code == 401
         # Nothing changed.
         assert (await srv.client.get("/v1/artifacts/k")).json() == art
         assert (await srv.client.get(s["uri"])).json()["offset"] == 0

@@ -37,6 +37,7 @@ class BearerToken:
         detail = ("missing bearer token: send 'Authorization: Bearer <token>'"
                   if given is None else "wrong bearer token")
         log.warning("refused %s %s: %s", scope.get("method"), scope.get("path"), detail)
+        await discard_body(receive)
         response = JSONResponse({"detail": detail}, status_code=401,
                                 headers={"WWW-Authenticate": 'Bearer realm="artifactfs"'})
         await response(scope, receive, send)
