@@ -173,6 +173,35 @@ class Metadata:
         assert cur.lastrowid is not None
         return cur.lastrowid
 
+    def insert_artifact(
+        self,
+        *,
+        parent_id: int,
+        name: str,
+        key: str,
+        mode: int,
+        uid: int,
+        gid: int,
+        now_ns: int,
+        blob_id: str,
+        size: int,
+        sha256: str,
+        mime_type: str,
+        created_at: int,
+        durable: bool,
+    ) -> int:
+        """A new committed file in one statement (insert_entry + set_content touch every index
+        twice)."""
+        cur = self.conn.execute(
+            "INSERT INTO entries (parent_id, name, key, kind, mode, uid, gid, mtime_ns,"
+            " ctime_ns, blob_id, size, sha256, mime_type, created_at, durable)"
+            " VALUES (?, ?, ?, 'file', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (parent_id, name, key, mode, uid, gid, now_ns, now_ns, blob_id, size, sha256,
+             mime_type, created_at, int(durable)),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
     def set_content(
         self,
         entry_id: int,

@@ -14,11 +14,12 @@ the database, and every method re-reads the rows it needs after such an await.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import secrets
 import time
 from collections.abc import AsyncIterable, Iterable
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import trio
 
@@ -42,11 +43,21 @@ from ..models import (
 )
 from .metadata import Entry, Metadata, SessionRow
 from .schema import ROOT_ID
-from .state import Change, log
+from .state import INLINE_IO_BYTES, Change, log
 from .writes import MountWrites
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
+
+
+def _hash_inline(hasher: Any, chunk: bytes) -> Any:
+    """Hash a chunk as it goes by, unless it is big enough to stall the trio thread: then
+    give up, and the commit hashes the staging file in a worker thread instead."""
+    if hasher is not None:
+        if len(chunk) > INLINE_IO_BYTES:
+            return None
+        hasher.update(chunk)
+    return hasher
 
 
 
@@ -120,14 +131,21 @@ class ArtifactStore(MountWrites):
         validate_key(key)
         validate_mime_type(mime_type)
         validate_size(size)
-        self._check_can_hold_file(key)
         now = int(time.time())
         row = SessionRow(
             id=secrets.token_urlsafe(18), origin="http", key=key, entry_id=None, size=size,
             offset=0, mime_type=mime_type, created_at=now, expires_at=now + self.session_ttl,
         )
         self.data.create_staging(row.id)
-        self.meta.insert_session(row)
+        try:
+            # The check and the insert share one transaction: one lock round instead of one
+            # per statement (docs/PERFORMANCE.md, "Store").
+            with self.meta.transaction():
+                self._check_can_hold_file(key)
+                self.meta.insert_session(row)
+        except BaseException:
+            self.data.remove_staging(row.id)
+            raise
         log.info("upload session %s opened for %s (%d bytes)", row.id, key, size)
         return self._session_response(row)
 
@@ -170,28 +188,40 @@ class ArtifactStore(MountWrites):
                            offset=s.offset)
         self._uploading.add(upload_id)
         try:
-            pos = await self._receive(s, chunks)
+            pos, digest = await self._receive(s, chunks)
             if pos == s.size:
-                return await self._commit_upload(s)
+                return await self._commit_upload(s, digest)
             return None
         finally:
             self._uploading.discard(upload_id)
 
-    async def _receive(self, s: SessionRow, chunks: AsyncIterable[bytes] | Iterable[bytes]) -> int:
+    async def _receive(
+        self, s: SessionRow, chunks: AsyncIterable[bytes] | Iterable[bytes]
+    ) -> tuple[int, tuple[str, int] | None]:
+        """Append the chunks; return the new offset, and the content's (sha256, size) when
+        this request carried all of it in small chunks (the commit then need not re-read it).
+
+        The offset is recorded only if the session stays open: a request that completes it
+        commits, and a crash before that commit leaves the old offset, which the client
+        (never acknowledged) resumes from.
+        """
         assert s.size is not None
         try:
             fd = self.data.open_staging(s.id)
         except FileNotFoundError:
             raise NotFound(f"upload session {s.id} lost its bytes; create a new one") from None
         pos = s.offset
+        hasher = hashlib.sha256() if pos == 0 else None
         try:
             os.ftruncate(fd, s.offset)  # drop a torn tail left by a crash mid-request
             if isinstance(chunks, AsyncIterable):
                 async for chunk in chunks:
                     pos = self._append(fd, s, pos, chunk)
+                    hasher = _hash_inline(hasher, chunk)
             else:
                 for chunk in chunks:
                     pos = self._append(fd, s, pos, chunk)
+                    hasher = _hash_inline(hasher, chunk)
         except InvalidArgument:
             os.ftruncate(fd, s.offset)
             raise
@@ -205,9 +235,11 @@ class ArtifactStore(MountWrites):
             raise
         finally:
             os.close(fd)
+        if pos == s.size:
+            return pos, (hasher.hexdigest(), pos) if hasher is not None else None
         if pos != s.offset:
             self.meta.set_session_offset(s.id, pos)
-        return pos
+        return pos, None
 
     @staticmethod
     def _append(fd: int, s: SessionRow, pos: int, chunk: bytes) -> int:
@@ -363,15 +395,23 @@ class ArtifactStore(MountWrites):
 
     # --- commit ----------------------------------------------------------------------------
 
-    async def _commit_upload(self, s: SessionRow) -> ArtifactResponse:
-        """An http session is complete: its bytes become the artifact at s.key, atomically."""
-        fd = self.data.open_staging(s.id)
-        try:
-            sha, size = await self._digest(fd)
-        finally:
-            os.close(fd)
+    async def _commit_upload(
+        self, s: SessionRow, digest: tuple[str, int] | None = None
+    ) -> ArtifactResponse:
+        """An http session is complete: its bytes become the artifact at s.key, atomically.
+
+        ``digest`` is the (sha256, size) the request computed as the bytes went by, if it did.
+        """
+        if digest is None:
+            fd = self.data.open_staging(s.id)
+            try:
+                digest = await self._digest(fd)
+            finally:
+                os.close(fd)
+        sha, size = digest
         blob_id = await self._publish(s.id, self.sync)
         now_ns = time.time_ns()
+        created_at = now_ns // 1_000_000_000
         try:
             with self.meta.transaction():
                 if self.meta.session(s.id) is None:
@@ -383,14 +423,17 @@ class ArtifactStore(MountWrites):
                     raise Conflict(f"{s.key} is a symbolic link")
                 if e is None:
                     parent_id = self._ensure_parents(s.key)
-                    entry_id = self.meta.insert_entry(
+                    entry_id = self.meta.insert_artifact(
                         parent_id=parent_id, name=s.key.rpartition("/")[2], key=s.key,
-                        kind="file", mode=0o644, uid=self.uid, gid=self.gid, now_ns=now_ns)
+                        mode=0o644, uid=self.uid, gid=self.gid, now_ns=now_ns,
+                        blob_id=blob_id, size=size, sha256=sha, mime_type=s.mime_type,
+                        created_at=created_at, durable=self.sync)
                 else:
                     entry_id = e.id
-                self.meta.set_content(
-                    entry_id, blob_id=blob_id, size=size, sha256=sha, mime_type=s.mime_type,
-                    created_at=now_ns // 1_000_000_000, mtime_ns=now_ns, durable=self.sync)
+                    self.meta.set_content(
+                        entry_id, blob_id=blob_id, size=size, sha256=sha,
+                        mime_type=s.mime_type, created_at=created_at, mtime_ns=now_ns,
+                        durable=self.sync)
                 self.meta.delete_session(s.id)
         except ArtifactError:
             # The key cannot take the artifact (a directory appeared meanwhile): nothing to
@@ -410,9 +453,9 @@ class ArtifactStore(MountWrites):
                 self._doom(e.blob_id)
             self._notify(Change("content", entry_id, e.parent_id, e.name))
         log.info("committed %s (%d bytes, sha256 %s)", s.key, size, sha[:12])
-        entry = self.meta.entry(entry_id)
-        assert entry is not None
-        return self._artifact(entry)
+        return ArtifactResponse(
+            key=s.key, mime_type=s.mime_type, uri=self.content_uri(s.key), size=size,
+            created_at=created_at, sha256=sha)
 
     # --- durability and expiry (background) -----------------------------------------------
 
