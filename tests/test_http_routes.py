@@ -145,6 +145,15 @@ async def test_oversized_upload_body_gets_its_400_not_a_reset(server: Server) ->
 
     r = await c.post(s["uri"], content=chunked())
     assert r.status_code == 400 and "exceeds" in detail(r)
+    # Every other refusal of a big body is read too, not met with a reset.
+    big = b"x" * (20 << 20)
+    r = await c.post(s["uri"], content=big, headers={"Upload-Offset": "abc"})
+    assert r.status_code == 400 and "offset" in detail(r).lower()
+    r = await c.post(s["uri"], content=big, headers={"Upload-Offset": "3"})
+    assert r.status_code == 409
+    assert (await c.post("/v1/artifacts/sessions/nope", content=big)).status_code == 404
+    assert (await c.post("/nowhere", content=big)).status_code == 404
+    assert (await c.put("/v1/artifacts/x", content=big)).status_code == 405
     assert (await c.get(s["uri"])).json()["offset"] == 0
 
 

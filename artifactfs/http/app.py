@@ -23,7 +23,7 @@ from fastapi import Body, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
-from ..errors import ArtifactError, InvalidArgument, NotFound
+from ..errors import InvalidArgument, NotFound
 from ..models import (
     ArtifactResponse,
     ArtifactUploadResponse,
@@ -32,7 +32,7 @@ from ..models import (
     PaginatedResponse,
 )
 from ..store import ArtifactStore
-from .body import RequestBody
+from .body import DrainRefusedBodies, RequestBody
 from .content import content_response
 from .errors import OFFSET_HEADER, install_error_handlers
 from .guards import BearerToken, JsonBodyLimit
@@ -77,6 +77,7 @@ def create_app(store: ArtifactStore, *, token: str | None = None) -> FastAPI:
                        paths=frozenset({"/v1/artifacts", "/v1/artifacts/bulk"}))
     if token:
         app.add_middleware(BearerToken, token=token)
+    app.add_middleware(DrainRefusedBodies)  # outermost: it sees every refusal
 
     @app.post("/v1/artifacts", response_model=ArtifactUploadResponse)
     async def create_upload_session(
@@ -114,17 +115,14 @@ def create_app(store: ArtifactStore, *, token: str | None = None) -> FastAPI:
         claimed = upload_offset if upload_offset is not None else offset
         length_header = request.headers.get("content-length")
         length = int(length_header) if length_header is not None else None
-        body = RequestBody(request.receive)
         try:
             artifact = await store.upload_stream(
-                upload_id, body.chunks(), offset=claimed, length=length)
+                upload_id, RequestBody(request.receive).chunks(), offset=claimed,
+                length=length)
         except ClientDisconnect:
             # The store kept what arrived; the client resumes from get_upload_session_info.
             log.info("client went away during an upload to session %s", upload_id)
             return Response(status_code=400)
-        except ArtifactError:
-            await body.discard_rest()  # so the client reads the error, not a reset
-            raise
         if artifact is not None:
             return JSONResponse(artifact.model_dump())
         info = await store.get_upload_session_info(upload_id)

@@ -4,6 +4,8 @@ A refused body is read and dropped (up to a cap) before the answer is sent: a se
 closes a connection with unread bytes makes the kernel send a reset, and most clients, which
 write the whole body before reading, then see "connection reset" instead of the 4xx that says
 what was wrong. Beyond the cap the client gets the answer and a closed connection.
+:class:`DrainRefusedBodies` does this for every route and every refusal (the store's errors,
+validation errors, unknown routes, a wrong token, a body over the JSON cap).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import trio
 from starlette.requests import ClientDisconnect
-from starlette.types import Receive
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 DISCARD_LIMIT = 64 << 20
 DISCARD_SECONDS = 10.0
@@ -52,7 +54,32 @@ class RequestBody:
             if body:
                 yield body
 
-    async def discard_rest(self) -> None:
-        if not self.complete:
-            await discard_body(self._receive)
-            self.complete = True
+
+class DrainRefusedBodies:
+    """Before a 4xx goes out, read and drop what the client is still sending of its body."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        complete = False
+
+        async def tracked_receive() -> Message:
+            nonlocal complete
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                complete = True  # the whole body, or the client is gone
+            return message
+
+        async def draining_send(message: Message) -> None:
+            nonlocal complete
+            if (message["type"] == "http.response.start" and message["status"] >= 400
+                    and not complete):
+                await discard_body(receive)
+                complete = True
+            await send(message)
+
+        await self.app(scope, tracked_receive, draining_send)

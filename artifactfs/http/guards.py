@@ -14,8 +14,6 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .body import discard_body
-
 log = logging.getLogger("artifactfs.http")
 
 class BearerToken:
@@ -37,7 +35,6 @@ class BearerToken:
         detail = ("missing bearer token: send 'Authorization: Bearer <token>'"
                   if given is None else "wrong bearer token")
         log.warning("refused %s %s: %s", scope.get("method"), scope.get("path"), detail)
-        await discard_body(receive)
         response = JSONResponse({"detail": detail}, status_code=401,
                                 headers={"WWW-Authenticate": 'Bearer realm="artifactfs"'})
         await response(scope, receive, send)
@@ -62,7 +59,6 @@ class JsonBodyLimit:
             return
         declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await discard_body(receive)
             response = JSONResponse(
                 {"detail": f"request body of {int(declared)} bytes is larger than the"
                            f" {self.limit} bytes this route takes"}, status_code=413)
@@ -75,8 +71,6 @@ class JsonBodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                if message.get("more_body", False):
-                    await discard_body(receive)
                 # Raised inside the route's body read: FastAPI passes HTTPExceptions through
                 # to the error handlers, which answer 413 as JSON.
                 raise HTTPException(413, f"request body is larger than the {self.limit}"
