@@ -52,6 +52,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=None,
                    help="where the data set and mounts live; must be on the disk to compare"
                    " against (default /var/tmp/artifactfs-bench/<full|quick>)")
+    p.add_argument("--prepare", action="store_true",
+                   help="only build (or check) the data set, then exit")
     p.add_argument("--no-docs", action="store_true",
                    help="write results to bench-results/ instead of docs/")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
@@ -126,6 +128,9 @@ def main(argv: list[str]) -> int:
         dataset.build_store(work, sizes)
         if "memory" in groups:
             dataset.build_memstore(work, sizes)
+    if args.prepare:
+        print(f"bench: data set ready in {work}")
+        return 0
 
     fses: list[FileSystem] = [PEERS[n](work) for n in names]
     run = Run(work=work, sizes=sizes, reps=args.reps, fses=[], cold_ok=cold_ok, notes=notes,

@@ -179,9 +179,15 @@ async def _fill_memstore(data: Path, sizes: Sizes) -> None:
             _progress("memory store", n, sizes.mem, t0)
 
 
+def _schema() -> int:
+    from artifactfs.store.schema import SCHEMA_VERSION
+
+    return SCHEMA_VERSION
+
+
 def build_store(work: Path, sizes: Sizes) -> None:
     man = Manifest(work)
-    spec = sizes.main_part()
+    spec = {**sizes.main_part(), "schema": _schema()}
     data = work / "store"
     if man.matches("store", spec) and (data / "meta.db").exists():
         return
@@ -194,7 +200,7 @@ def build_store(work: Path, sizes: Sizes) -> None:
 
 def build_memstore(work: Path, sizes: Sizes) -> None:
     man = Manifest(work)
-    spec = {"mem": sizes.mem}
+    spec = {"mem": sizes.mem, "schema": _schema()}
     data = work / "memstore"
     if man.matches("memstore", spec) and (data / "meta.db").exists():
         return
