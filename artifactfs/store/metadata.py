@@ -95,6 +95,10 @@ class Metadata:
         self.conn.execute("PRAGMA foreign_keys = OFF")
         self.conn.execute("PRAGMA busy_timeout = 5000")
         self.conn.execute("PRAGMA cache_size = -16000")
+        # A checkpoint costs two fsyncs; at the default 1000 pages a burst of small commits
+        # checkpointed every ~100 commits. 10000 pages (40 MiB of WAL) cut those fsyncs 6x
+        # (docs/PERFORMANCE.md, "Store").
+        self.conn.execute("PRAGMA wal_autocheckpoint = 10000")
         create_schema(self.conn, time.time_ns())  # idempotent: IF NOT EXISTS / OR IGNORE
 
     def close(self) -> None:
@@ -285,6 +289,11 @@ class Metadata:
         self.conn.executemany(
             "UPDATE entries SET durable = 1 WHERE id = ? AND blob_id = ?", pairs
         )
+
+    def note_flush(self, now: int) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO store_info (name, value) VALUES ('flushed_at', ?)",
+            (str(now),))
 
     def blob_ids_with_prefix(self, prefix: str) -> set[str]:
         """Blob ids in use that start with ``prefix`` (one blobs/ subdirectory's worth)."""

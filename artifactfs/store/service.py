@@ -465,9 +465,15 @@ class ArtifactStore(MountWrites):
         Runs the fsyncs inline: call it from a thread-tolerant place (close) or through
         flush_async. Returns how many rows became durable.
         """
-        rows = self.meta.not_durable(10_000)
-        done = set(self.data.fsync_blobs([e.blob_id for e in rows if e.blob_id]))
-        return self._mark_flushed(rows, done)
+        total = 0
+        while True:
+            rows = self.meta.not_durable(10_000)
+            done = set(self.data.fsync_blobs([e.blob_id for e in rows if e.blob_id]))
+            total += self._mark_flushed(rows, done)
+            # More than one batch (a burst of commits): close() must leave none behind, or
+            # the clean marker would skip their verification after a power loss.
+            if len(rows) < 10_000 or not done:
+                return total
 
     async def flush_async(self) -> int:
         rows = self.meta.not_durable(10_000)
@@ -486,6 +492,10 @@ class ArtifactStore(MountWrites):
             with self.meta.transaction():
                 self.meta.mark_durable([(e.id, e.blob_id) for e in rows
                                         if e.blob_id in done])
+                # Never an empty commit: it would write no WAL frame and fsync nothing, and
+                # a delete committed at NORMAL could come back after a power loss pointing
+                # at a blob unlinked just below.
+                self.meta.note_flush(int(time.time()))
         finally:
             if not self.sync:
                 self.meta.conn.execute("PRAGMA synchronous = NORMAL")
