@@ -133,3 +133,34 @@ async def test_overwrite_over_http_is_atomic_for_readers(server: Server) -> None
     assert body == old_bytes  # a download already running keeps its version
     assert new["size"] == 6000
     assert (await c.get(new["uri"])).status_code == 404
+
+
+async def test_many_concurrent_uploads_and_downloads(server: Server) -> None:
+    c = server.client
+    blobs = {f"conc/{i:02d}": random.Random(i).randbytes(256 * 1024 + i) for i in range(24)}
+    done: dict[str, dict] = {}
+
+    async def upload(key: str, data: bytes) -> None:
+        s = (await c.post("/v1/artifacts", json={"key": key, "mime_type": "a/b",
+                                                 "size": len(data)})).json()
+        step = 64 * 1024
+        for start in range(0, len(data), step):
+            r = await c.post(s["uri"], content=data[start:start + step],
+                             headers={"Upload-Offset": str(start)})
+            assert r.status_code == 200, r.text
+        done[key] = r.json()
+
+    async with trio.open_nursery() as nursery:
+        for key, data in blobs.items():
+            nursery.start_soon(upload, key, data)
+    got: dict[str, bytes] = {}
+
+    async def download(key: str) -> None:
+        got[key] = (await c.get(done[key]["uri"])).content
+
+    async with trio.open_nursery() as nursery:
+        for key in blobs:
+            nursery.start_soon(download, key)
+    assert got == blobs
+    listed = (await c.get("/v1/artifacts", params={"prefix": "conc/"})).json()["data"]
+    assert [a["key"] for a in listed] == sorted(blobs)
