@@ -97,7 +97,9 @@ def start_daemon(mount_point: Path, data_dir: Path, log_path: Path, *extra: str,
                  http: bool = True) -> tuple[subprocess.Popen[bytes], str]:
     """Start the foreground daemon; returns it and its readiness line ('ready URL' or why not)."""
     port = free_port()
-    argv = [sys.executable, "-m", "artifactfs.cli", "mount", os.fspath(mount_point),
+    # ARTIFACTFS_TEST_DEBUG=1 logs every request the daemon refuses (daemon.log in the tmp dir).
+    verbose = ["-v"] if os.environ.get("ARTIFACTFS_TEST_DEBUG") else []
+    argv = [sys.executable, "-m", "artifactfs.cli", *verbose, "mount", os.fspath(mount_point),
             "--data", os.fspath(data_dir), "--foreground", *extra]
     if http:
         argv += ["--http", f"127.0.0.1:{port}"]

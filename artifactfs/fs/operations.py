@@ -148,6 +148,18 @@ class Operations(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        try:
+            return await self._setattr(inode, attr, fields)
+        except ArtifactError as exc:
+            if exc.errno != errno.ENOENT or not self._by_inode.get(inode):
+                raise
+        # Unlinked (or replaced by rename) while open: no row is left to keep attributes on,
+        # yet with the writeback cache the kernel flushes the ctime it bumped at unlink when
+        # the file closes, and close(2) must not fail with EIO for that.
+        return self._unlinked_attrs(inode)
+
+    async def _setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                       fields: pyfuse3.SetattrFields) -> pyfuse3.EntryAttributes:
         if fields.update_size:
             await self.store.truncate(inode, attr.st_size)
         if fields.update_mode or fields.update_uid or fields.update_gid or fields.update_mtime:
@@ -158,7 +170,7 @@ class Operations(pyfuse3.Operations):
                 gid=attr.st_gid if fields.update_gid else None,
                 mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             )
-        return await self.getattr(inode, ctx)
+        return self._attrs(self.store.entry(inode))
 
     # --- directories -----------------------------------------------------------------------
 

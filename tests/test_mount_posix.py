@@ -1,0 +1,246 @@
+"""Layer 6, a real mount: POSIX edge cases and the errno of each refusal (DESIGN §1, §3, §5)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mountutil import Mount, mount_fixture, workdir_fixture
+
+pytestmark = pytest.mark.mount
+
+mount = mount_fixture()
+workdir = workdir_fixture()
+
+
+def fails(code: int, fn, *args) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(OSError) as e:
+        fn(*args)
+    assert e.value.errno == code, f"{fn.__name__}{args}: {e.value}"
+
+
+def test_unlink_while_open_readers_keep_reading(workdir: Path, mount: Mount) -> None:
+    p = workdir / "f.bin"
+    data = os.urandom(1 << 20)
+    p.write_bytes(data)
+    with open(p, "rb") as r1, open(p, "rb") as r2:
+        assert r1.read(10) == data[:10]
+        os.unlink(p)
+        assert not p.exists()
+        assert r1.read() == data[10:]
+        assert r2.read() == data
+        assert os.fstat(r1.fileno()).st_size == len(data)
+    assert mount.get(f"{workdir.name}/f.bin").status_code == 404
+
+
+def test_unlink_while_being_written(workdir: Path, mount: Mount) -> None:
+    p = workdir / "w.bin"
+    with open(p, "wb") as w:
+        w.write(b"abc")
+        os.unlink(p)
+        w.write(b"def")  # still writable, as on a disk; the bytes go with the last close
+    assert not p.exists()
+    assert mount.get(f"{workdir.name}/w.bin").status_code == 404
+    p.write_bytes(b"again")  # the name is free for a new file
+    assert p.read_bytes() == b"again"
+
+
+def test_overwrite_by_rename_reader_keeps_old(workdir: Path) -> None:
+    p = workdir / "ckpt.bin"
+    old, new = os.urandom(500_000), os.urandom(400_000)
+    p.write_bytes(old)
+    with open(p, "rb") as reader:
+        assert reader.read(100) == old[:100]
+        tmp = workdir / "ckpt.bin.tmp"
+        tmp.write_bytes(new)
+        os.rename(tmp, p)  # the atomic replace of save-then-rename checkpointing
+        assert reader.read() == old[100:]
+    assert p.read_bytes() == new
+    assert sorted(os.listdir(workdir)) == ["ckpt.bin"]
+
+
+def test_overwrite_in_place_is_like_a_disk(workdir: Path) -> None:
+    p = workdir / "in_place.txt"
+    p.write_bytes(b"old contents")
+    with open(p, "rb") as reader:
+        p.write_bytes(b"new")  # open(O_TRUNC) + write: the same inode, as cp does
+        reader.seek(0)
+        assert reader.read() == b"new"  # one file, one page cache: readers see the new bytes
+    assert p.read_bytes() == b"new"
+
+
+def test_write_to_file_another_process_reads(workdir: Path) -> None:
+    p = workdir / "shared.bin"
+    p.write_bytes(b"A" * 8192)
+    code = (
+        "import sys, time\n"
+        "f = open(sys.argv[1], 'rb')\n"
+        "print(f.read(4096)[:1].decode(), flush=True)\n"
+        "sys.stdin.readline()\n"
+        "f.seek(0); d = f.read()\n"
+        "print(len(d), d[:1].decode(), d[-1:].decode(), flush=True)\n"
+    )
+    reader = subprocess.Popen([sys.executable, "-c", code, os.fspath(p)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout is not None and reader.stdin is not None
+        assert reader.stdout.readline().strip() == "A"
+        with open(p, "r+b") as w:
+            w.seek(8192 - 1)
+            w.write(b"Z")
+            w.write(b"tail")
+        reader.stdin.write("go\n")
+        reader.stdin.flush()
+        assert reader.stdout.readline().split() == ["8196", "A", "l"]
+    finally:
+        reader.kill()
+        reader.wait()
+    assert p.read_bytes() == b"A" * 8191 + b"Ztail"
+
+
+def test_rename_over_existing_file(workdir: Path, mount: Mount) -> None:
+    a, b = workdir / "a", workdir / "b"
+    a.write_bytes(b"aaa")
+    b.write_bytes(b"bbbbbb")
+    os.rename(a, b)
+    assert b.read_bytes() == b"aaa" and not a.exists()
+    assert mount.get(f"{workdir.name}/b").json()["size"] == 3
+    assert mount.get(f"{workdir.name}/a").status_code == 404
+    d = workdir / "d"
+    d.mkdir()
+    fails(errno.EISDIR, os.rename, b, d)
+    fails(errno.ENOTDIR, os.rename, d, b)
+    (d / "x").write_bytes(b"")
+    e = workdir / "e"
+    e.mkdir()
+    os.rename(e, d / "sub")  # into a directory
+    fails(errno.EINVAL, os.rename, d, d / "sub" / "inside")
+    e.mkdir()
+    fails(errno.ENOTEMPTY, os.rename, e, d)
+    os.rename(d, e)  # over an empty directory
+    assert sorted(os.listdir(e)) == ["sub", "x"]
+
+
+def test_rmdir_non_empty_and_clashes(workdir: Path) -> None:
+    d = workdir / "d"
+    d.mkdir()
+    (d / "f").write_bytes(b"1")
+    fails(errno.ENOTEMPTY, os.rmdir, d)
+    fails(errno.ENOTDIR, os.rmdir, d / "f")
+    fails(errno.EISDIR, os.unlink, d)
+    fails(errno.EEXIST, os.mkdir, d)
+    fails(errno.EEXIST, os.mkdir, d / "f")
+    fails(errno.ENOTDIR, os.mkdir, d / "f" / "g")
+    fails(errno.ENOTDIR, open, d / "f" / "g", "wb")
+    fails(errno.EISDIR, open, d, "wb")
+    fails(errno.ENOENT, os.rmdir, d / "nothing")
+    fails(errno.ENOENT, os.unlink, d / "nothing")
+    fails(errno.ENOENT, open, d / "nothing" / "x", "wb")
+    fails(errno.EEXIST, os.open, d / "f", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+
+
+@pytest.mark.parametrize("name", ["sp ace", "col:on", "star*", "ü", "new\nline", "back\\s"])
+def test_invalid_names(workdir: Path, name: str) -> None:
+    fails(errno.EINVAL, open, workdir / name, "wb")
+    fails(errno.EINVAL, os.mkdir, workdir / name)
+    (workdir / "ok").write_bytes(b"")
+    fails(errno.EINVAL, os.rename, workdir / "ok", workdir / name)
+    fails(errno.EINVAL, os.symlink, "ok", workdir / name)
+    fails(errno.ENOENT, os.stat, workdir / name)
+
+
+def test_too_long_names(workdir: Path) -> None:
+    fails(errno.ENAMETOOLONG, open, workdir / ("n" * 256), "wb")
+    fails(errno.ENAMETOOLONG, os.mkdir, workdir / ("n" * 256))
+    fails(errno.ENAMETOOLONG, os.stat, workdir / ("n" * 256))
+    (workdir / ("n" * 255)).write_bytes(b"ok")  # 255 bytes is allowed
+    # A whole key is at most 1024 bytes.
+    p = workdir
+    while len(os.fspath(p.relative_to(workdir.parent))) < 900:
+        p = p / ("d" * 100)
+        p.mkdir()
+    fails(errno.ENAMETOOLONG, open, p / ("f" * 200), "wb")
+
+
+def test_unsupported_link_mknod(workdir: Path) -> None:
+    (workdir / "f").write_bytes(b"x")
+    fails(errno.EPERM, os.link, workdir / "f", workdir / "hard")
+    fails(errno.EPERM, os.mkfifo, workdir / "fifo")
+    assert sorted(os.listdir(workdir)) == ["f"]
+
+
+def test_symlinks(workdir: Path) -> None:
+    (workdir / "target.txt").write_bytes(b"pointed at")
+    os.symlink("target.txt", workdir / "link")
+    assert os.readlink(workdir / "link") == "target.txt"
+    assert (workdir / "link").read_bytes() == b"pointed at"
+    assert os.lstat(workdir / "link").st_size == len("target.txt")
+    os.symlink("../elsewhere/x", workdir / "dangling")
+    assert not (workdir / "dangling").exists() and (workdir / "dangling").is_symlink()
+    os.unlink(workdir / "link")
+    assert sorted(os.listdir(workdir)) == ["dangling", "target.txt"]
+
+
+def test_chmod_chown_utime_kept(workdir: Path) -> None:
+    p = workdir / "f"
+    p.write_bytes(b"x")
+    os.chmod(p, 0o640)
+    os.chown(p, 1234, 5678)
+    os.utime(p, ns=(1_000_000_000_000_000_000, 1_234_567_890_123_456_789))
+    st = p.stat()
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o640, 1234, 5678)
+    assert st.st_mtime_ns == 1_234_567_890_123_456_789
+
+
+def test_huge_truncate_does_not_allocate(workdir: Path) -> None:
+    p = workdir / "big"
+    p.write_bytes(b"")
+    try:
+        os.truncate(p, 10**15)
+    except OSError as e:
+        assert e.errno in (errno.EFBIG, errno.EINVAL)
+    else:
+        assert p.stat().st_size == 10**15
+    os.truncate(p, 1 << 30)
+    with open(p, "rb") as f:
+        f.seek((1 << 30) - 4)
+        assert f.read() == b"\0" * 4
+    os.truncate(p, 3)
+    assert p.read_bytes() == b"\0" * 3
+
+
+def test_append_and_rdwr(workdir: Path) -> None:
+    p = workdir / "a.log"
+    with open(p, "ab") as f:
+        f.write(b"1")
+    with open(p, "ab") as f:
+        f.write(b"2")
+    with open(p, "r+b") as f:
+        f.seek(0)
+        f.write(b"X")
+        f.seek(0, os.SEEK_END)
+        f.write(b"3")
+    assert p.read_bytes() == b"X23"
+    fd = os.open(p, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, b"4")
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, b"5")  # O_APPEND writes at the end whatever the offset
+    finally:
+        os.close(fd)
+    assert p.read_bytes() == b"X2345"
+
+
+def test_fsync_and_statfs(workdir: Path) -> None:
+    p = workdir / "durable"
+    with open(p, "wb") as f:
+        f.write(b"d" * 10000)
+        f.flush()
+        os.fsync(f.fileno())
+    assert p.read_bytes() == b"d" * 10000
+    st = os.statvfs(workdir)
+    assert st.f_namemax == 255 and st.f_blocks > 0
