@@ -100,6 +100,12 @@ class Metadata:
         # (docs/PERFORMANCE.md, "Store").
         self.conn.execute("PRAGMA wal_autocheckpoint = 10000")
         create_schema(self.conn, time.time_ns())  # idempotent: IF NOT EXISTS / OR IGNORE
+        # Entry ids are the mount's inode numbers, and SQLite hands the largest rowid out again
+        # once its row is deleted; the kernel may still hold that inode (a file unlinked while
+        # open) and would take a new file for the old one. Ids only grow while this process
+        # runs; across restarts reuse is harmless (the kernel forgets inodes at unmount).
+        self._last_id = int(self.conn.execute("SELECT coalesce(max(id), 0) FROM entries")
+                            .fetchone()[0])
 
     def close(self) -> None:
         self.conn.close()
@@ -169,13 +175,17 @@ class Metadata:
         now_ns: int,
         target: str | None = None,
     ) -> int:
-        cur = self.conn.execute(
-            "INSERT INTO entries (parent_id, name, key, kind, mode, uid, gid, mtime_ns,"
-            " ctime_ns, target) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (parent_id, name, key, kind, mode, uid, gid, now_ns, now_ns, target),
+        new_id = self._new_id()
+        self.conn.execute(
+            "INSERT INTO entries (id, parent_id, name, key, kind, mode, uid, gid, mtime_ns,"
+            " ctime_ns, target) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (new_id, parent_id, name, key, kind, mode, uid, gid, now_ns, now_ns, target),
         )
-        assert cur.lastrowid is not None
-        return cur.lastrowid
+        return new_id
+
+    def _new_id(self) -> int:
+        self._last_id += 1
+        return self._last_id
 
     def insert_artifact(
         self,
@@ -196,15 +206,15 @@ class Metadata:
     ) -> int:
         """A new committed file in one statement (insert_entry + set_content touch every index
         twice)."""
-        cur = self.conn.execute(
-            "INSERT INTO entries (parent_id, name, key, kind, mode, uid, gid, mtime_ns,"
+        new_id = self._new_id()
+        self.conn.execute(
+            "INSERT INTO entries (id, parent_id, name, key, kind, mode, uid, gid, mtime_ns,"
             " ctime_ns, blob_id, size, sha256, mime_type, created_at, durable)"
-            " VALUES (?, ?, ?, 'file', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (parent_id, name, key, mode, uid, gid, now_ns, now_ns, blob_id, size, sha256,
-             mime_type, created_at, int(durable)),
+            " VALUES (?, ?, ?, ?, 'file', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (new_id, parent_id, name, key, mode, uid, gid, now_ns, now_ns, blob_id, size,
+             sha256, mime_type, created_at, int(durable)),
         )
-        assert cur.lastrowid is not None
-        return cur.lastrowid
+        return new_id
 
     def set_content(
         self,
