@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import dataset, report
-from benchlib.filesystems import PEERS, FileSystem
+from benchlib.filesystems import PEERS, ArtifactFS, FileSystem, snapshot
 from benchlib.system import can_drop_caches
 from benchlib.workloads import GROUPS, WORKLOADS, Run, profiling
 
@@ -52,6 +52,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=None,
                    help="where the data set and mounts live; must be on the disk to compare"
                    " against (default /var/tmp/artifactfs-bench/<full|quick>)")
+    p.add_argument("--afs-rev", default=None, metavar="REV",
+                   help="run artifactfs as of this git commit (e.g. HEAD) instead of the working"
+                   " tree, which others may be editing")
     p.add_argument("--prepare", action="store_true",
                    help="only build (or check) the data set, then exit")
     p.add_argument("--no-docs", action="store_true",
@@ -121,6 +124,9 @@ def main(argv: list[str]) -> int:
     # SIGTERM (or a CI time-out) must still unmount: turn it into KeyboardInterrupt.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
 
+    if args.afs_rev:
+        ArtifactFS.src, ArtifactFS.rev = snapshot(args.afs_rev, work)
+        sys.path.insert(0, str(ArtifactFS.src))  # the store is built by the same code
     t_start = time.time()
     load_before = load()
     dataset.build_native(work, sizes)
@@ -180,7 +186,8 @@ def main(argv: list[str]) -> int:
             "sizes_text": sizes_text(sizes), "mem_artifacts": sizes.mem,
             "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "seconds": time.time() - t_start, "measure_seconds": time.time() - t_measure,
-            "git": git_rev(), "kernel": platform.release(), "cpus": os.cpu_count(),
+            "git": git_rev(), "artifactfs_rev": ArtifactFS.rev or "working tree",
+            "kernel": platform.release(), "cpus": os.cpu_count(),
             "load_before": load_before, "load_after": load(), "workdir": str(work),
             "cold_caches": cold_ok, "group_seconds": group_seconds,
         },

@@ -172,6 +172,11 @@ class Rclone(FileSystem):
 class ArtifactFS(FileSystem):
     name = "artifactfs"
 
+    # Set by bench.py --afs-rev: a snapshot of the package at a commit, run instead of the
+    # working tree (which other engineers may be editing while the bench runs).
+    src: Path | None = None
+    rev: str | None = None
+
     def __init__(self, work: Path, data: Path | None = None, label: str = "artifactfs") -> None:
         super().__init__(work)
         self.data = data or work / "store"
@@ -188,13 +193,37 @@ class ArtifactFS(FileSystem):
         return None if r.returncode == 0 else "`artifactfs mount` is not available"
 
     def command(self) -> list[str]:
-        return [str(REPO / ".venv" / "bin" / "artifactfs"), "mount", str(self.mnt),
-                "--data", str(self.data), "--foreground"]
+        args = ["mount", str(self.mnt), "--data", str(self.data), "--foreground"]
+        if self.src is None:
+            return [str(REPO / ".venv" / "bin" / "artifactfs"), *args]
+        boot = (f"import sys; sys.path.insert(0, {str(self.src)!r}); sys.argv[0] = 'artifactfs';"
+                " from artifactfs.cli import main; sys.exit(main())")
+        return [str(REPO / ".venv" / "bin" / "python"), "-c", boot, *args]
 
     def describe(self) -> str:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True).stdout.strip()
-        return f"artifactfs at {rev} (pyfuse3 on trio), `artifactfs mount --foreground`"
+        if self.rev:
+            where = f"commit {self.rev}"
+        else:
+            rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                 capture_output=True, text=True).stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain",
+                                    "artifactfs"], capture_output=True, text=True).stdout.strip()
+            where = f"the working tree at {rev}{' with uncommitted changes' if dirty else ''}"
+        return f"artifactfs from {where} (pyfuse3 on trio), `artifactfs mount --foreground`"
+
+
+def snapshot(rev: str, work: Path) -> tuple[Path, str]:
+    """The artifactfs package as of ``rev``, extracted once under WORK/src/<sha> (git archive:
+    nothing is added to the repository's .git)."""
+    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", rev],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    dest = work / "src" / sha
+    if not (dest / "artifactfs" / "__init__.py").exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, "artifactfs"],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest, sha
 
     def backing(self, rel: str) -> Path:
         blob_id = self._blob_ids.get(rel)
