@@ -195,12 +195,52 @@ def put(http: httpx.Client, args: argparse.Namespace) -> None:
         elif session["offset"]:
             print(f"artifactfs: resuming the upload of {args.key} at byte {session['offset']}"
                   f" of {st.st_size}", file=sys.stderr)
-        artifact = _send(http, f, session, args.key)
+        digest = FileDigest(f)
+        artifact = _send(http, f, session, args.key, digest)
+        local_sha = digest.finish(st.st_size)
     state.unlink(missing_ok=True)
+    if artifact.get("sha256") and artifact["sha256"] != local_sha:
+        raise CommandError(
+            f"{args.key} was stored with sha256 {artifact['sha256']} but {args.file} has"
+            f" {local_sha}: did the file change during the upload? Run put again")
     print(f"{artifact['key']}\t{artifact['size']}\t{artifact.get('sha256') or ''}")
 
 
-def _send(http: httpx.Client, f: BinaryIO, session: dict[str, Any], key: str) -> dict[str, Any]:
+class FileDigest:
+    """The sha256 of the file being put, computed from the chunks as they are sent.
+
+    The bytes an earlier, interrupted run sent (before a resumed offset) are read back from the
+    file, so the digest always covers the whole file and proves the stored artifact is it.
+    """
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.upto = 0
+
+    def add(self, offset: int, chunk: bytes) -> None:
+        if offset > self.upto:
+            self._read(offset)
+        if offset <= self.upto < offset + len(chunk):
+            self.sha.update(memoryview(chunk)[self.upto - offset:])
+            self.upto = offset + len(chunk)
+
+    def finish(self, size: int) -> str:
+        self._read(size)
+        return self.sha.hexdigest()
+
+    def _read(self, end: int) -> None:
+        self.f.seek(self.upto)
+        while self.upto < end:
+            block = self.f.read(min(PUT_CHUNK, end - self.upto))
+            if not block:
+                break
+            self.sha.update(block)
+            self.upto += len(block)
+
+
+def _send(http: httpx.Client, f: BinaryIO, session: dict[str, Any], key: str,
+          digest: FileDigest) -> dict[str, Any]:
     """Send the file from the session's offset in chunks; the committed artifact."""
     size = int(session["size"])
     offset = int(session["offset"])
@@ -226,6 +266,7 @@ def _send(http: httpx.Client, f: BinaryIO, session: dict[str, Any], key: str) ->
                 time.sleep(BUSY_WAIT)
                 continue
             body = _check(r).json()
+            digest.add(offset, chunk)
             offset += len(chunk)
             bar.advance(len(chunk))
             if body is not None:

@@ -123,11 +123,13 @@ async def test_token(tmp_path: Path) -> None:
         assert "wrong bearer token" in r.stderr.decode()
 
 
-async def test_interrupted_put_resumes_from_the_servers_offset(
-        server: Server, tmp_path: Path) -> None:
-    """Kill `put` while its second chunk is on the wire; the same command then finishes it."""
-    size = 24 * MiB  # three 8 MiB chunks
-    data = random.Random(5).randbytes(size)
+async def interrupted_put(server: Server, tmp_path: Path, data: bytes, key: str) -> int:
+    """Run `put` of ``data`` (three chunks or more) until its second chunk is 3 MiB on the wire,
+    then kill it.
+
+    Returns the offset the server kept. The server is this test's own, so the stall is made
+    in it (its upload_stream sees the network go dead) rather than by timing a kill.
+    """
     (tmp_path / "big.bin").write_bytes(data)
     stalled = trio.Event()
     killed = trio.Event()
@@ -135,7 +137,6 @@ async def test_interrupted_put_resumes_from_the_servers_offset(
     calls = 0
 
     async def stalling_upload(upload_id, chunks, **kw):  # type: ignore[no-untyped-def]
-        """The second request's bytes stop after 3 MiB, as over a network that went dead."""
         nonlocal calls
         calls += 1
         if calls != 2:
@@ -156,7 +157,7 @@ async def test_interrupted_put_resumes_from_the_servers_offset(
     env = {**os.environ, "ARTIFACTFS_URL": server.url,
            "XDG_CACHE_HOME": str(tmp_path / "cache")}
     proc = await trio.lowlevel.open_process(
-        [ARTIFACTFS, "put", "big.bin", "big/file.bin"], cwd=tmp_path, env=env,
+        [ARTIFACTFS, "put", "big.bin", key], cwd=tmp_path, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         with trio.fail_after(60):
@@ -173,7 +174,16 @@ async def test_interrupted_put_resumes_from_the_servers_offset(
         if session_id not in server.store._uploading:
             break
         await trio.sleep(0.05)
-    offset = (await server.client.get(f"/v1/artifacts/sessions/{session_id}")).json()["offset"]
+    r = await server.client.get(f"/v1/artifacts/sessions/{session_id}")
+    return int(r.json()["offset"])
+
+
+async def test_interrupted_put_resumes_from_the_servers_offset(
+        server: Server, tmp_path: Path) -> None:
+    """Kill `put` while its second chunk is on the wire; the same command then finishes it."""
+    size = 24 * MiB  # three 8 MiB chunks
+    data = random.Random(5).randbytes(size)
+    offset = await interrupted_put(server, tmp_path, data, "big/file.bin")
     assert 11 * MiB <= offset < size
 
     r = await cli(server, tmp_path, "put", "big.bin", "big/file.bin", ok=False)
@@ -183,3 +193,20 @@ async def test_interrupted_put_resumes_from_the_servers_offset(
     assert list((tmp_path / "cache" / "artifactfs" / "uploads").iterdir()) == []
     await cli(server, tmp_path, "get", "big/file.bin", "back.bin")
     assert (tmp_path / "back.bin").read_bytes() == data
+
+
+async def test_resumed_put_of_a_file_changed_meanwhile_is_an_error(
+        server: Server, tmp_path: Path) -> None:
+    data = random.Random(6).randbytes(24 * MiB)
+    await interrupted_put(server, tmp_path, data, "changed.bin")
+    path = tmp_path / "big.bin"
+    st = path.stat()
+    with open(path, "r+b") as f:  # a byte already sent changes; size and mtime do not
+        f.write(b"\xff" if data[0] != 0xFF else b"\x00")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    r = await cli(server, tmp_path, "put", "big.bin", "changed.bin", ok=False)
+    assert r.returncode == 1
+    assert "did the file change during the upload" in r.stderr.decode()
+    # Run again: the file as it is now is a new upload, and then matches.
+    r = await cli(server, tmp_path, "put", "big.bin", "changed.bin")
+    assert r.stdout.decode().split()[2] == hashlib.sha256(path.read_bytes()).hexdigest()
