@@ -97,10 +97,20 @@ def test_service_replace_while_mount_reader_holds_old(workdir: Path, mount: Moun
         assert reader.read(1000) == old[:1000]
         mount.put(key, new)
         time.sleep(0.2)  # let the invalidation land: the reader must still see its version
+        # A new opener meanwhile sees the new version whole (size and bytes), never the new
+        # bytes under the old size, and its reads do not leak into the old reader's.
+        eventually(lambda: _assert_bytes(p, new))
         assert reader.read() == old[1000:]
         reader.seek(0)
         assert reader.read() == old
-    eventually(lambda: _assert_bytes(p, new))
+        assert os.fstat(reader.fileno()).st_size == len(old)
+        longer = new + os.urandom(100_000)
+        mount.put(key, longer)  # and again, while both versions are cached
+        eventually(lambda: _assert_bytes(p, longer))
+        reader.seek(0)
+        assert reader.read() == old
+    eventually(lambda: _assert_bytes(p, longer))
+    new = longer
     with open(p, "rb") as reader:
         mount.delete(key)
         time.sleep(0.2)

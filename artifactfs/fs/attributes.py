@@ -22,11 +22,12 @@ BLOCK_SIZE = 1 << 20
 _KIND_BITS = {"dir": stat.S_IFDIR, "file": stat.S_IFREG, "symlink": stat.S_IFLNK}
 
 
-def entry_attributes(e: Entry, *, subdirs: int = 0, nlink: int | None = None
+def entry_attributes(e: Entry, *, inode: int, subdirs: int = 0, nlink: int | None = None
                      ) -> pyfuse3.EntryAttributes:
-    """The kernel's view of one entry; ``subdirs`` gives a directory its POSIX link count."""
+    """The kernel's view of one entry under its inode number (inodes.py); ``subdirs`` gives a
+    directory its POSIX link count."""
     attr = pyfuse3.EntryAttributes()
-    attr.st_ino = e.id
+    attr.st_ino = inode
     attr.generation = 0
     attr.entry_timeout = CACHE_TIMEOUT
     attr.attr_timeout = CACHE_TIMEOUT

@@ -1,8 +1,9 @@
 """Tell the kernel what another face changed, so its long-lived caches stay true.
 
 The mount lets the kernel keep names, attributes and pages for a day (attributes.py); a change
-made through the HTTP face or the Python API is reported by the store (``add_listener``) and
-turned here into ``invalidate_inode`` / ``invalidate_entry``.
+made through the HTTP face or the Python API is reported by the store (``add_listener``), mapped
+to kernel inode numbers by the mount (operations.py, inodes.py) and turned here into
+``invalidate_entry`` / ``invalidate_inode``.
 
 Why a queue and a thread: the store reports changes from inside its own calls, which may run
 inside a FUSE request; pyfuse3's invalidations block until related requests finish (and, with
@@ -17,49 +18,55 @@ import errno
 import logging
 import math
 import os
+from dataclasses import dataclass
 
 import pyfuse3
 import trio
 
-from ..store import Change
-
 log = logging.getLogger("artifactfs.fs")
 
 
+@dataclass(frozen=True, slots=True)
+class Invalidation:
+    """What the kernel must drop, in its own inode numbers.
+
+    kind: 'name' (``name`` in ``parent`` now leads elsewhere: a replaced artifact's new inode,
+    or a new entry), 'removed' (``name`` is gone; ``inode`` was its inode).
+    """
+
+    kind: str
+    parent: int
+    name: str
+    inode: int = 0
+
+
 class KernelCache:
-    """Queue of store changes and the task that invalidates them in the kernel."""
+    """Queue of invalidations and the task that makes them."""
 
     def __init__(self) -> None:
-        self._send, self._receive = trio.open_memory_channel[Change](math.inf)
+        self._send, self._receive = trio.open_memory_channel[Invalidation](math.inf)
 
-    def notice(self, change: Change) -> None:
-        """The store's listener: never blocks (an unbounded queue), never calls the kernel."""
-        self._send.send_nowait(change)
+    def queue(self, item: Invalidation) -> None:
+        """Never blocks (an unbounded queue), never calls the kernel."""
+        self._send.send_nowait(item)
 
     async def run(self) -> None:
         async with self._receive:
-            async for change in self._receive:
-                await trio.to_thread.run_sync(invalidate, change)
+            async for item in self._receive:
+                await trio.to_thread.run_sync(invalidate, item)
 
 
-def invalidate(change: Change) -> None:
+def invalidate(item: Invalidation) -> None:
     """Drop what the kernel may hold about one change (runs in a worker thread)."""
-    name = os.fsencode(change.name)
-    if change.kind == "content":
-        # New bytes under the same inode: drop its pages and attributes, and its name, so an
-        # inode nobody holds open is evicted and comes back with the new size (with the
-        # writeback cache the kernel otherwise trusts the size it already has).
-        _quietly(pyfuse3.invalidate_inode, change.entry_id, False)
-        if change.parent_id is not None:
-            _quietly(pyfuse3.invalidate_entry, change.parent_id, name)
-    elif change.kind == "removed":
-        if change.parent_id is not None:
-            _quietly(pyfuse3.invalidate_entry, change.parent_id, name, change.entry_id)
-            _quietly(pyfuse3.invalidate_inode, change.parent_id, True)
-    elif change.kind == "added" and change.parent_id is not None:
-        _quietly(pyfuse3.invalidate_entry, change.parent_id, name)
-        _quietly(pyfuse3.invalidate_inode, change.parent_id, True)
-    log.debug("kernel cache invalidated: %s", change)
+    name = os.fsencode(item.name)
+    if item.kind == "removed":
+        _quietly(pyfuse3.invalidate_entry, item.parent, name, item.inode)
+    else:
+        # The old inode keeps its pages and size for whoever has it open; only the name and
+        # the directory's attributes change.
+        _quietly(pyfuse3.invalidate_entry, item.parent, name)
+    _quietly(pyfuse3.invalidate_inode, item.parent, True)
+    log.debug("kernel cache invalidated: %s", item)
 
 
 def _quietly(fn: object, *args: object) -> None:

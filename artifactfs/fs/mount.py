@@ -45,9 +45,8 @@ async def serve_mount(
     unmounts (``fusermount3 -u``, ``artifactfs umount``); on cancellation (SIGINT/SIGTERM in
     the daemon) it unmounts itself, lazily if files are still open.
     """
-    ops = Operations(store)
     cache = KernelCache()
-    store.add_listener(cache.notice)
+    ops = Operations(store, cache)
     pyfuse3.init(ops, mountpoint, mount_options(store, allow_other=allow_other))
     log.info("mounted %s at %s", store.data.root, mountpoint)
     try:

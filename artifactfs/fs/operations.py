@@ -17,7 +17,11 @@ session that commits at its own last flush or release.
 Within the mount one inode is one file, as on a disk: the kernel's page cache is shared by every
 handle of an inode, so a reader of a file being rewritten through the mount reads the writer's
 bytes, and after the commit its handle follows the new version. A reader keeps its old bytes
-when the name is replaced by rename or by another face, or when the file is unlinked.
+when the name is replaced by rename or by another face (which gives the name a new inode,
+inodes.py), or when the file is unlinked.
+
+Inode numbers are entry ids plus a version (inodes.py); every handler maps the kernel's inode to
+the entry id before asking the store.
 """
 
 from __future__ import annotations
@@ -36,8 +40,10 @@ import trio
 
 from ..errors import ArtifactError
 from ..models import MAX_COMPONENT_BYTES
-from ..store import ArtifactStore, Entry, WriteSession
+from ..store import ArtifactStore, Change, Entry, WriteSession
 from .attributes import entry_attributes
+from .inodes import InodeMap
+from .kernel_cache import Invalidation, KernelCache
 
 log = logging.getLogger("artifactfs.fs")
 
@@ -82,7 +88,8 @@ def translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
 class FileHandle:
     """One open file description of the kernel (one open(2), shared by dup and fork)."""
 
-    inode: int
+    inode: int  # the kernel's inode number (entry id and version)
+    entry_id: int
     # What the file was when opened (last known row): stat on a file unlinked while open.
     entry: Entry
     # Read-only fd this handle owns: the version it reads when no one is writing the inode.
@@ -100,48 +107,75 @@ class Operations(pyfuse3.Operations):
     # opened write-only and turns O_APPEND into positioned writes (staging files are O_RDWR).
     enable_writeback_cache = True
 
-    def __init__(self, store: ArtifactStore) -> None:
+    def __init__(self, store: ArtifactStore, cache: KernelCache | None = None) -> None:
         super().__init__()
         self.store = store
+        self.cache = cache or KernelCache()
+        self.inodes = InodeMap()
         self._handles: dict[int, FileHandle] = {}
         self._by_inode: dict[int, set[FileHandle]] = {}
         self._next_fh = itertools.count(1)
         self.initialized = trio.Event()
+        store.add_listener(self._changed_elsewhere)
 
     def init(self) -> None:
         # Called when the kernel's INIT arrives: from here on the mount answers requests.
         self.initialized.set()
         log.info("the kernel connected to the mount")
 
+    def _changed_elsewhere(self, change: Change) -> None:
+        """The store's listener for changes made by another face. Runs inside the store's
+        call on the trio thread: bookkeeping and a queue only (kernel_cache.py says why)."""
+        if change.parent_id is None:
+            return
+        parent = self.inodes.inode(change.parent_id)
+        if change.kind == "content":
+            self.inodes.replace(change.entry_id)
+            self.cache.queue(Invalidation("name", parent, change.name))
+        elif change.kind == "removed":
+            old = self.inodes.remove(change.entry_id)
+            self.cache.queue(Invalidation("removed", parent, change.name, old))
+        else:
+            self.cache.queue(Invalidation("name", parent, change.name))
+
     # --- attributes and names --------------------------------------------------------------
 
     def _attrs(self, e: Entry) -> pyfuse3.EntryAttributes:
-        return entry_attributes(e, subdirs=self.store.subdir_count(e.id) if e.is_dir else 0)
+        return entry_attributes(e, inode=self.inodes.inode(e.id),
+                                subdirs=self.store.subdir_count(e.id) if e.is_dir else 0)
+
+    def _current_entry(self, inode: int) -> Entry:
+        """The entry behind a kernel inode that is still what the kernel thinks it is."""
+        if not self.inodes.is_current(inode):
+            raise ArtifactError(f"inode {inode:#x} is an older version", errno=errno.ESTALE)
+        return self.store.entry(self.inodes.entry_id(inode))
 
     @translated
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                      ) -> pyfuse3.EntryAttributes:
-        return self._attrs(self.store.lookup(parent_inode, os.fsdecode(name)))
+        parent = self.inodes.entry_id(parent_inode)
+        return self._attrs(self.store.lookup(parent, os.fsdecode(name)))
 
     @translated
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None
                       ) -> pyfuse3.EntryAttributes:
         try:
-            return self._attrs(self.store.entry(inode))
+            return self._attrs(self._current_entry(inode))
         except ArtifactError as exc:
-            if exc.errno != errno.ENOENT or not self._by_inode.get(inode):
+            if exc.errno not in (errno.ENOENT, errno.ESTALE) or not self._by_inode.get(inode):
                 raise
-        return self._unlinked_attrs(inode)
+        return self._detached_attrs(inode)
 
-    def _unlinked_attrs(self, inode: int) -> pyfuse3.EntryAttributes:
-        """fstat on a file unlinked while open: what its handles still read, with nlink 0."""
+    def _detached_attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+        """fstat on a file unlinked or replaced while open: what its handles still read,
+        with nlink 0."""
         h = next(iter(self._by_inode[inode]))
         fd = h.ws.fd if h.ws is not None else h.fd
         e = h.entry if fd is None else replace(h.entry, size=os.fstat(fd).st_size)
-        return entry_attributes(e, nlink=0)
+        return entry_attributes(e, inode=inode, nlink=0)
 
     def forget(self, inode_list: list[tuple[int, int]]) -> None:
-        # Inode numbers are entry ids, stable for an entry's life: nothing to count or free.
+        # Inode numbers are derived from entry ids, not allocated: nothing to count or free.
         return None
 
     @translated
@@ -151,32 +185,33 @@ class Operations(pyfuse3.Operations):
         try:
             return await self._setattr(inode, attr, fields)
         except ArtifactError as exc:
-            if exc.errno != errno.ENOENT or not self._by_inode.get(inode):
+            if exc.errno not in (errno.ENOENT, errno.ESTALE) or not self._by_inode.get(inode):
                 raise
-        # Unlinked (or replaced by rename) while open: no row is left to keep attributes on,
-        # yet with the writeback cache the kernel flushes the ctime it bumped at unlink when
-        # the file closes, and close(2) must not fail with EIO for that.
-        return self._unlinked_attrs(inode)
+        # Unlinked (or replaced) while open: no row is left to keep attributes on, yet with
+        # the writeback cache the kernel flushes the ctime it bumped at unlink when the file
+        # closes, and close(2) must not fail with EIO for that.
+        return self._detached_attrs(inode)
 
     async def _setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                        fields: pyfuse3.SetattrFields) -> pyfuse3.EntryAttributes:
+        entry_id = self._current_entry(inode).id
         if fields.update_size:
-            await self.store.truncate(inode, attr.st_size)
+            await self.store.truncate(entry_id, attr.st_size)
         if fields.update_mode or fields.update_uid or fields.update_gid or fields.update_mtime:
             self.store.set_attrs(
-                inode,
+                entry_id,
                 mode=attr.st_mode if fields.update_mode else None,
                 uid=attr.st_uid if fields.update_uid else None,
                 gid=attr.st_gid if fields.update_gid else None,
                 mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             )
-        return self._attrs(self.store.entry(inode))
+        return self._attrs(self.store.entry(entry_id))
 
     # --- directories -----------------------------------------------------------------------
 
     @translated
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        return inode
+        return self.inodes.entry_id(inode)
 
     @translated
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -198,33 +233,34 @@ class Operations(pyfuse3.Operations):
     @translated
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        e = self.store.mkdir(parent_inode, os.fsdecode(name), mode, ctx.uid, ctx.gid)
+        e = self.store.mkdir(self.inodes.entry_id(parent_inode), os.fsdecode(name), mode,
+                             ctx.uid, ctx.gid)
         return self._attrs(e)
 
     @translated
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self.store.rmdir(parent_inode, os.fsdecode(name))
+        self.store.rmdir(self.inodes.entry_id(parent_inode), os.fsdecode(name))
 
     @translated
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self.store.unlink(parent_inode, os.fsdecode(name))
+        self.store.unlink(self.inodes.entry_id(parent_inode), os.fsdecode(name))
 
     @translated
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
-        self.store.rename(parent_inode_old, os.fsdecode(name_old), parent_inode_new,
-                          os.fsdecode(name_new), flags)
+        self.store.rename(self.inodes.entry_id(parent_inode_old), os.fsdecode(name_old),
+                          self.inodes.entry_id(parent_inode_new), os.fsdecode(name_new), flags)
 
     @translated
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        e = self.store.symlink(parent_inode, os.fsdecode(name), os.fsdecode(target),
-                               ctx.uid, ctx.gid)
+        e = self.store.symlink(self.inodes.entry_id(parent_inode), os.fsdecode(name),
+                               os.fsdecode(target), ctx.uid, ctx.gid)
         return self._attrs(e)
 
     @translated
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return os.fsencode(self.store.readlink(inode))
+        return os.fsencode(self.store.readlink(self.inodes.entry_id(inode)))
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -264,35 +300,38 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        e, ws = self.store.create_file(parent_inode, os.fsdecode(name), mode, ctx.uid, ctx.gid)
-        fh = self._add_handle(FileHandle(inode=e.id, entry=e, ws=ws, writable=True))
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attrs(e)
+        e, ws = self.store.create_file(self.inodes.entry_id(parent_inode), os.fsdecode(name),
+                                       mode, ctx.uid, ctx.gid)
+        h = FileHandle(inode=self.inodes.inode(e.id), entry_id=e.id, entry=e, ws=ws,
+                       writable=True)
+        return pyfuse3.FileInfo(fh=self._add_handle(h), keep_cache=True), self._attrs(e)
 
     @translated
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.FileInfo:
+        # An older version's inode (its name was replaced by another face and the kernel has
+        # not yet dropped the name): ESTALE makes the kernel look the name up again and open
+        # the new inode, never the new bytes under the old size.
+        e = self._current_entry(inode)
         if flags & os.O_ACCMODE == os.O_RDONLY:
-            fd = self.store.open_read(inode)
-            try:
-                h = FileHandle(inode=inode, entry=self.store.entry(inode), fd=fd)
-            except BaseException:
-                os.close(fd)
-                raise
+            fd = self.store.open_read(e.id)
+            h = FileHandle(inode=inode, entry_id=e.id, entry=e, fd=fd)
         else:
-            ws = await self.store.open_write(inode, truncate=bool(flags & os.O_TRUNC))
-            h = FileHandle(inode=inode, entry=self.store.entry(inode), ws=ws, writable=True)
+            ws = await self.store.open_write(e.id, truncate=bool(flags & os.O_TRUNC))
+            h = FileHandle(inode=inode, entry_id=e.id, entry=self.store.entry(e.id), ws=ws,
+                           writable=True)
         # keep_cache: a committed artifact never changes under its inode except through this
-        # mount (the kernel saw it) or another face (kernel_cache.py invalidates it).
+        # mount (the kernel saw it); another face's change gets a new inode (inodes.py).
         return pyfuse3.FileInfo(fh=self._add_handle(h), keep_cache=True)
 
     def _read_fd(self, h: FileHandle) -> int:
         if h.ws is not None:
             return h.ws.fd
-        ws = self.store.active_write(h.inode)
-        if ws is not None:
+        ws = self.store.active_write(h.entry_id)
+        if ws is not None and self.inodes.is_current(h.inode):
             return ws.fd  # being rewritten through the mount: read what the writer wrote
         if h.fd is None:
-            h.fd = self.store.open_read(h.inode)
+            h.fd = self.store.open_read(h.entry_id)
         return h.fd
 
     @translated
@@ -306,7 +345,7 @@ class Operations(pyfuse3.Operations):
             # Written again after its commit at flush (a dup'd fd, a shared mapping).
             async with h.lock:
                 if h.ws is None:
-                    h.ws = await self.store.open_write(h.inode, truncate=False)
+                    h.ws = await self.store.open_write(h.entry_id, truncate=False)
         ws = h.ws
         n = os.pwrite(ws.fd, buf, off)
         ws.wrote()
@@ -351,8 +390,16 @@ class Operations(pyfuse3.Operations):
                 # the handle committed.
                 h.fd = os.dup(ws.fd)
             committed = await self.store.release_write(ws)
-        if committed is not None:
+        if committed is None:
+            return
+        if self.inodes.is_current(h.inode):
             self._follow_new_version(h, committed)
+        else:
+            # Written through an inode another face had replaced meanwhile: the kernel's
+            # current inode for the name holds the other version's size.
+            old = self.inodes.replace(committed.id)
+            self.cache.queue(Invalidation("name", self.inodes.inode(committed.parent_id or 0),
+                                          committed.name, old))
 
     def _follow_new_version(self, writer: FileHandle, e: Entry) -> None:
         """Readers of an inode rewritten through the mount read the new version (the page
@@ -360,7 +407,7 @@ class Operations(pyfuse3.Operations):
         for other in self._by_inode.get(writer.inode, ()):
             other.entry = e
             if other is not writer and other.ws is None and other.fd is not None:
-                old, other.fd = other.fd, self.store.open_read(writer.inode)
+                old, other.fd = other.fd, self.store.open_read(writer.entry_id)
                 os.close(old)
 
     # --- extended attributes ---------------------------------------------------------------
@@ -371,20 +418,20 @@ class Operations(pyfuse3.Operations):
             # The kernel asks for security.capability around every write (PLATFORM.md): the
             # store shows only user. attributes, so answer without touching the database.
             raise pyfuse3.FUSEError(errno.ENODATA)
-        return self.store.get_xattr(inode, os.fsdecode(name))
+        return self.store.get_xattr(self.inodes.entry_id(inode), os.fsdecode(name))
 
     @translated
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return [os.fsencode(n) for n in self.store.xattr_names(inode)]
+        return [os.fsencode(n) for n in self.store.xattr_names(self.inodes.entry_id(inode))]
 
     @translated
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
-        self.store.set_xattr(inode, os.fsdecode(name), value)
+        self.store.set_xattr(self.inodes.entry_id(inode), os.fsdecode(name), value)
 
     @translated
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self.store.remove_xattr(inode, os.fsdecode(name))
+        self.store.remove_xattr(self.inodes.entry_id(inode), os.fsdecode(name))
 
     def open_handles(self) -> int:
         """How many files are open (logged at shutdown: a busy mount was detached)."""
