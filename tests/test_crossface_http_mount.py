@@ -105,9 +105,6 @@ def test_overwrite_over_http_is_seen_by_the_next_open(workdir: Path, mount: Moun
         assert f.read() == new
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "mount: while a handle on the old version is open, the next open after an HTTP "
-    "overwrite reads the new bytes zero-padded to the old size (stale inode size)"))
 def test_overwrite_over_http_while_a_reader_holds_the_old_version(
         workdir: Path, mount: Mount) -> None:
     p = workdir / "held.bin"
