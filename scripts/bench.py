@@ -55,6 +55,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--afs-rev", default=None, metavar="REV",
                    help="run artifactfs as of this git commit (e.g. HEAD) instead of the working"
                    " tree, which others may be editing")
+    p.add_argument("--afs-src", type=Path, default=None, metavar="DIR",
+                   help="run artifactfs from DIR/artifactfs (a variant being evaluated)")
     p.add_argument("--prepare", action="store_true",
                    help="only build (or check) the data set, then exit")
     p.add_argument("--no-docs", action="store_true",
@@ -126,6 +128,9 @@ def main(argv: list[str]) -> int:
 
     if args.afs_rev:
         ArtifactFS.src, ArtifactFS.rev = snapshot(args.afs_rev, work)
+    elif args.afs_src:
+        ArtifactFS.src, ArtifactFS.rev = args.afs_src.resolve(), f"source {args.afs_src}"
+    if ArtifactFS.src:
         sys.path.insert(0, str(ArtifactFS.src))  # the store is built by the same code
     t_start = time.time()
     load_before = load()
@@ -140,7 +145,8 @@ def main(argv: list[str]) -> int:
 
     fses: list[FileSystem] = [PEERS[n](work) for n in names]
     run = Run(work=work, sizes=sizes, reps=args.reps, fses=[], cold_ok=cold_ok, notes=notes,
-              profile_dir=args.profile, readers_cold=not args.quick)
+              profile_dir=args.profile, readers_cold=not args.quick,
+              min_seconds=0.2 if args.quick else 1.0)
     if args.quick:
         notes.append("--quick leaves out the cold case of the concurrent readers")
     described = {}
@@ -155,7 +161,8 @@ def main(argv: list[str]) -> int:
                 print(f"bench: skipping {fs.name}: {exc}", flush=True)
                 continue
             run.fses.append(fs)
-            described[fs.name] = fs.describe()
+            described[fs.name] = fs.describe() + (
+                f"; read-ahead {fs.read_ahead} KiB" if fs.fuse and fs.read_ahead else "")
         afs = next((f for f in run.fses if f.name == "artifactfs"), None)
         for g in groups:
             if g == "memory":

@@ -50,6 +50,7 @@ class FileSystem:
         self.mnt = work / "mnt" / self.name
         self.proc: subprocess.Popen | None = None
         self.log_path = work / "logs" / f"{self.name}.log"
+        self.read_ahead: int | None = None
 
     @property
     def root(self) -> Path:
@@ -95,6 +96,7 @@ class FileSystem:
             time.sleep(0.05)
         # Touch the root once so the mount has answered its first requests.
         os.listdir(self.mnt)
+        self.read_ahead = read_ahead_kb(self.mnt)
 
     def stop(self) -> None:
         if self.proc is None:
@@ -202,7 +204,7 @@ class ArtifactFS(FileSystem):
 
     def describe(self) -> str:
         if self.rev:
-            where = f"commit {self.rev}"
+            where = self.rev if self.rev.startswith("source ") else f"commit {self.rev}"
         else:
             rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                                  capture_output=True, text=True).stdout.strip()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -96,6 +97,7 @@ class Run:
     notes: list[str] = field(default_factory=list)
     profile_dir: Path | None = None
     readers_cold: bool = True  # --quick leaves the cold 4-reader case out (time)
+    min_seconds: float = 1.0  # warm measurements repeat for at least this long (median kept)
 
     def record(self, metric: str, fs: FileSystem | str, value: float) -> None:
         name = fs if isinstance(fs, str) else fs.name
@@ -108,11 +110,19 @@ class Run:
         self.errors.setdefault(metric, {})[fs.name] = msg
         print(f"    {fs.name:<11} {metric:<16} FAILED {msg}", flush=True)
 
-    def attempt(self, metric: str, fs: FileSystem, fn: Callable[[], float]) -> None:
+    def attempt(self, metric: str, fs: FileSystem, fn: Callable[[], float],
+                repeat: bool = False) -> None:
+        """Record fn()'s rate. ``repeat`` (warm cases only, which a rerun does not change):
+        rerun it until min_seconds have passed and keep the median, so an operation of a few
+        milliseconds is not one scheduler hiccup away from a wrong ratio."""
         if fs.name in self.errors.get(metric, {}):
             return  # failed once: do not keep hammering a broken path
         try:
-            self.record(metric, fs, fn())
+            t0 = time.perf_counter()
+            rates = [fn()]
+            while repeat and time.perf_counter() - t0 < self.min_seconds:
+                rates.append(fn())
+            self.record(metric, fs, statistics.median(rates))
         except (OSError, subprocess.CalledProcessError, RuntimeError) as exc:
             self.fail(metric, fs, exc)
 
@@ -137,7 +147,7 @@ def seq_read(run: Run) -> None:
                 run.cold()
                 run.attempt("read_cold", fs, rate)
             read_file(path)  # (after a failed cold read, still make it warm)
-            run.attempt("read_warm", fs, rate)
+            run.attempt("read_warm", fs, rate, repeat=True)
             read_file(fs.backing(rel))
             if fs.fuse:
                 drop_file_cache(path)
@@ -207,7 +217,7 @@ def metadata(run: Run) -> None:
                 if run.cold_ok:
                     run.cold()
                     run.attempt(f"{kind}_cold", fs, fn)
-                run.attempt(f"{kind}_warm", fs, fn)
+                run.attempt(f"{kind}_warm", fs, fn, repeat=True)
 
 
 # --- 4. small files --------------------------------------------------------------------------
@@ -237,7 +247,7 @@ def small_files(run: Run) -> None:
             if run.cold_ok:
                 run.cold()
                 run.attempt("small_cold", fs, rate)
-            run.attempt("small_warm", fs, rate)
+            run.attempt("small_warm", fs, rate, repeat=True)
 
 
 # --- 5. concurrent readers -------------------------------------------------------------------
