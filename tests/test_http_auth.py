@@ -47,6 +47,8 @@ async def test_every_route_wants_the_token(tmp_path: Path) -> None:
             r = await anon.post(s["uri"], content=b"z" * (20 << 20),
                                 headers={"Authorization": "Bearer nope"})
             assert r.status_code == 401
+        doc = (await srv.client.get("/openapi.json")).json()
+        assert doc["security"] == [{"bearer": []}]
         # Nothing changed.
         assert (await srv.client.get("/v1/artifacts/k")).json() == art
         assert (await srv.client.get(s["uri"])).json()["offset"] == 0

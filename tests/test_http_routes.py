@@ -462,6 +462,9 @@ async def test_openapi_document_lists_the_routes(server: Server) -> None:
     assert set(paths["/v1/artifacts/sessions/{upload_id}"]) == {"get", "post"}
     assert set(paths["/v1/artifacts/{key}"]) == {"get", "delete"}
     assert "get" in paths["/v1/artifacts/{key}:content"]
+    # Validation errors are 400 here: the document must not promise FastAPI's 422.
+    assert all("422" not in op["responses"] for ops in paths.values() for op in ops.values())
+    assert "400" in paths["/v1/artifacts"]["post"]["responses"]
 
 
 @pytest.mark.parametrize("garbage", [

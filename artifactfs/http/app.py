@@ -17,7 +17,7 @@ The seed's routes overlap, and the order of the routes below is how the overlap 
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -34,7 +34,7 @@ from ..models import (
 from ..store import ArtifactStore
 from .body import DrainRefusedBodies, RequestBody
 from .content import content_response
-from .errors import OFFSET_HEADER, install_error_handlers
+from .errors import OFFSET_HEADER, ErrorBody, install_error_handlers
 from .guards import BearerToken, JsonBodyLimit
 
 log = logging.getLogger("artifactfs.http")
@@ -53,11 +53,32 @@ _RAW_BODY = {
     }
 }
 
-_ERRORS: dict[int | str, dict[str, str]] = {
-    400: {"description": "Bad key, mime type, size, offset, page or body"},
-    404: {"description": "No such artifact or upload session"},
-    409: {"description": "File/directory clash or offset mismatch"},
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "Bad key, mime type, size, offset, page or body"},
+    404: {"model": ErrorBody, "description": "No such artifact or upload session"},
+    409: {"model": ErrorBody, "description": "File/directory clash or offset mismatch"},
 }
+
+
+def _truthful_openapi(app: FastAPI, *, bearer: bool) -> None:
+    """Make the OpenAPI document say what the server does: validation errors are 400 here,
+    never FastAPI's 422; with a token, every route wants it."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = generate()
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        if bearer:
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer"}}
+            schema["security"] = [{"bearer": []}]
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(store: ArtifactStore, *, token: str | None = None) -> FastAPI:
@@ -70,9 +91,10 @@ def create_app(store: ArtifactStore, *, token: str | None = None) -> FastAPI:
             "`prefix` on listings, `GET /v1/artifacts/{key}:content` with Range, and "
             "`Upload-Offset` on uploads. See docs/HTTP.md."),
         redoc_url=None,
-        responses=_ERRORS,  # type: ignore[arg-type]
+        responses=_ERRORS,
     )
     install_error_handlers(app)
+    _truthful_openapi(app, bearer=bool(token))
     app.add_middleware(JsonBodyLimit, limit=MAX_JSON_BODY,
                        paths=frozenset({"/v1/artifacts", "/v1/artifacts/bulk"}))
     if token:

@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ArtifactError, Conflict
@@ -22,6 +23,13 @@ log = logging.getLogger("artifactfs.http")
 
 # Header that carries a session's true offset (tus's name), on 409s and on partial uploads.
 OFFSET_HEADER = "Upload-Offset"
+
+
+class ErrorBody(BaseModel):
+    """Every error's body. A 409 for an offset mismatch adds ``offset``, the true one."""
+
+    detail: str
+    offset: int | None = None
 
 
 def install_error_handlers(app: FastAPI) -> None:
