@@ -191,3 +191,27 @@ def test_getfattr_setfattr(workdir: Path) -> None:
     assert other.returncode != 0
     missing = run("getfattr", "-n", "user.nothing", f, check=False)
     assert missing.returncode != 0 and b"No such attribute" in missing.stderr
+
+
+def test_large_directory_ls_find_rm_r(workdir: Path, mount: Mount) -> None:
+    names = {f"f{i:05d}" for i in range(1200)}
+    for n in names:
+        (workdir / n).write_bytes(n.encode())
+    (workdir / "sub").mkdir()
+    assert set(os.listdir(workdir)) == names | {"sub"}
+    lines = run("ls", "-l", workdir).stdout.decode().splitlines()
+    assert len(lines) == 1202  # "total" plus one line per entry
+    # Listing while entries go: every entry that stays is listed exactly once.
+    it = os.scandir(workdir)
+    seen = [next(it).name for _ in range(100)]
+    for n in sorted(names)[-400:]:
+        os.unlink(workdir / n)
+    seen += [e.name for e in it]
+    it.close()
+    assert len(seen) == len(set(seen))
+    assert set(sorted(names)[:-400]) <= set(seen)
+    run("rm", "-r", workdir)
+    assert not workdir.exists()
+    with mount.http() as c:
+        listed = c.get("/v1/artifacts", params={"prefix": workdir.name + "/"}).json()["data"]
+    assert listed == []

@@ -31,6 +31,7 @@ import functools
 import itertools
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import ParamSpec, TypeVar
@@ -49,6 +50,8 @@ log = logging.getLogger("artifactfs.fs")
 
 # Entries per store query while listing a directory: one query per batch (PLATFORM.md).
 READDIR_BATCH = 512
+# How long entries fetched for one readdir reply may wait for the next (seconds).
+PENDING_TTL = 1.0
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -100,6 +103,30 @@ class FileHandle:
     lock: trio.Lock = field(default_factory=trio.Lock)
 
 
+@dataclass(eq=False)
+class DirHandle:
+    """One opendir: the directory and the entries a batch fetched beyond the last reply."""
+
+    entry_id: int
+    after: int = -1
+    pending: list[Entry] = field(default_factory=list)
+    complete: bool = False
+    fetched_at: float = 0.0
+
+    def keep(self, after: int, entries: list[Entry], complete: bool) -> None:
+        self.after, self.pending, self.complete = after, entries, complete
+        self.fetched_at = time.monotonic()
+
+    def take(self, after: int) -> list[Entry] | None:
+        """The kept entries if the kernel continues where the last reply stopped, and soon
+        (a listing that pauses gets fresh rows and attributes)."""
+        if after != self.after or not self.pending or (
+                time.monotonic() - self.fetched_at > PENDING_TTL):
+            return None
+        entries, self.pending, self.after = self.pending, [], -1
+        return entries
+
+
 class Operations(pyfuse3.Operations):
     """The mount's request handlers (see the module docstring for open-file semantics)."""
 
@@ -114,6 +141,7 @@ class Operations(pyfuse3.Operations):
         self.inodes = InodeMap()
         self._handles: dict[int, FileHandle] = {}
         self._by_inode: dict[int, set[FileHandle]] = {}
+        self._dirs: dict[int, DirHandle] = {}
         self._next_fh = itertools.count(1)
         self.initialized = trio.Event()
         store.add_listener(self._changed_elsewhere)
@@ -211,24 +239,36 @@ class Operations(pyfuse3.Operations):
 
     @translated
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        return self.inodes.entry_id(inode)
+        fh = next(self._next_fh)
+        self._dirs[fh] = DirHandle(self.inodes.entry_id(inode))
+        return fh
 
     @translated
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         # The cursor is the last entry id reported: stable while entries come and go, and
         # each batch is one indexed query (no O(n^2) paging over a 100k-entry directory).
+        # The kernel asks in 4 KiB replies (~25 entries with attributes), so what a batch
+        # held beyond one reply waits on the handle for the next request.
+        d = self._dirs[fh]
         after = start_id
+        batch = d.take(after)
         while True:
-            batch = self.store.readdir(fh, after, READDIR_BATCH)
-            for e in batch:
+            if batch is None:
+                batch = self.store.readdir(d.entry_id, after, READDIR_BATCH)
+                complete = len(batch) < READDIR_BATCH
+            else:
+                complete = d.complete
+            for i, e in enumerate(batch):
                 if not pyfuse3.readdir_reply(token, os.fsencode(e.name), self._attrs(e), e.id):
+                    d.keep(after, batch[i:], complete)
                     return
-            if len(batch) < READDIR_BATCH:
+                after = e.id
+            if complete:
                 return
-            after = batch[-1].id
+            batch = None
 
     async def releasedir(self, fh: int) -> None:
-        return None
+        self._dirs.pop(fh, None)
 
     @translated
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
