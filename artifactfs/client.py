@@ -244,7 +244,9 @@ def _send(http: httpx.Client, f: BinaryIO, session: dict[str, Any], key: str,
     """Send the file from the session's offset in chunks; the committed artifact."""
     size = int(session["size"])
     offset = int(session["offset"])
-    uri = session["uri"]
+    # The session's own path under our --url, not its uri: behind a proxy or on a wildcard
+    # bind the daemon's idea of its address may not be the one that reaches it from here.
+    uri = f"/v1/artifacts/sessions/{quote(str(session['id']), safe='')}"
     busy = 0
     with Transfer(f"put {key}", size, offset) as bar:
         while True:

@@ -46,6 +46,14 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def public_host(host: str) -> str:
+    """The host uris name: the bound address, or this machine's name for a wildcard bind
+    (0.0.0.0 is where to listen, not an address a client can use)."""
+    if host in ("0.0.0.0", "::", ""):
+        return socket.gethostname()
+    return host
+
+
 async def serve_http(
     store: ArtifactStore,
     host: str,
@@ -77,7 +85,7 @@ async def serve_http(
     config.errorlog = logging.getLogger("artifactfs.http.server")
     # Cancellation is how the daemon stops us; do not linger on idle keep-alive connections.
     config.graceful_timeout = 1.0
-    store.uri_base = f"http://{_url_host(host)}:{bound_port}"
+    store.uri_base = f"http://{_url_host(public_host(host))}:{bound_port}"
     app = create_app(store, token=token)
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(serve, app, config))  # type: ignore[arg-type]
