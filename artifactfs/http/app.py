@@ -21,14 +21,15 @@ from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import ConfigDict
 from starlette.requests import ClientDisconnect
 
+from .. import models
 from ..errors import InvalidArgument, NotFound
 from ..models import (
     ArtifactResponse,
     ArtifactUploadResponse,
     BulkDeleteRequest,
-    CreateUploadSessionRequest,
     PaginatedResponse,
 )
 from ..store import ArtifactStore
@@ -43,6 +44,13 @@ log = logging.getLogger("artifactfs.http")
 # delete of ~15,000 keys of the longest kind. Upload bodies are streamed and capped by the
 # session's remaining size instead (the store checks it).
 MAX_JSON_BODY = 16 << 20
+
+class CreateUploadSessionRequest(models.CreateUploadSessionRequest):
+    """The body of POST /v1/artifacts, taken as JSON types are: ``"size": true`` or ``"5"`` is
+    not a size (pydantic's lax mode would make them 1 and 5)."""
+
+    model_config = ConfigDict(strict=True)
+
 
 _RAW_BODY = {
     "requestBody": {
