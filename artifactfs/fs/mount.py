@@ -50,7 +50,6 @@ async def serve_mount(
     pyfuse3.init(ops, mountpoint, mount_options(store, allow_other=allow_other))
     log.info("mounted %s at %s", store.data.root, mountpoint)
     try:
-        raise_read_ahead(mountpoint)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(cache.run)
 
@@ -62,6 +61,9 @@ async def serve_mount(
             nursery.start_soon(answer_kernel)
             with trio.move_on_after(INIT_WAIT):
                 await ops.initialized.wait()
+            # Only after INIT: the kernel sets the bdi's read-ahead from the INIT reply
+            # (min(bdi, max_readahead = 128 KiB)), undoing a raise made before it.
+            raise_read_ahead(mountpoint)
             task_status.started()
     finally:
         busy = ops.open_handles()
