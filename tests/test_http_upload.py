@@ -164,3 +164,26 @@ async def test_many_concurrent_uploads_and_downloads(server: Server) -> None:
     assert got == blobs
     listed = (await c.get("/v1/artifacts", params={"prefix": "conc/"})).json()["data"]
     assert [a["key"] for a in listed] == sorted(blobs)
+
+
+async def test_upload_body_reaches_the_store_in_small_pieces(server: Server) -> None:
+    """A 32 MiB request body is never held whole: the store gets it as it arrives."""
+    pieces: list[int] = []
+    real_upload = server.store.upload_stream
+
+    async def measuring_upload(upload_id, chunks, **kw):  # type: ignore[no-untyped-def]
+        async def measured():  # type: ignore[no-untyped-def]
+            async for chunk in chunks:
+                pieces.append(len(chunk))
+                yield chunk
+
+        return await real_upload(upload_id, measured(), **kw)
+
+    server.store.upload_stream = measuring_upload  # type: ignore[method-assign]
+    try:
+        art = await server.put("streamed", b"s" * (32 * MiB))
+    finally:
+        del server.store.upload_stream
+    assert art["size"] == 32 * MiB
+    assert sum(pieces) == 32 * MiB and len(pieces) > 32
+    assert max(pieces) <= MiB
