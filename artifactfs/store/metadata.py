@@ -135,6 +135,15 @@ class Metadata:
         ).fetchone()
         return Entry(*row) if row else None
 
+    def entries_by_keys(self, keys: list[str]) -> dict[str, Entry]:
+        """The entries at any of ``keys`` (a key and its ancestors in one index search each,
+        one statement)."""
+        marks = ", ".join("?" * len(keys))
+        rows = self.conn.execute(
+            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE key IN ({marks})", keys
+        ).fetchall()
+        return {r[3]: Entry(*r) for r in rows}
+
     def child(self, parent_id: int, name: str) -> Entry | None:
         row = self.conn.execute(
             f"SELECT {ENTRY_COLUMNS} FROM entries WHERE parent_id = ? AND name = ?",
@@ -352,8 +361,10 @@ class Metadata:
     def set_session_mime_type(self, session_id: str, mime_type: str) -> None:
         self.conn.execute("UPDATE sessions SET mime_type = ? WHERE id = ?", (mime_type, session_id))
 
-    def delete_session(self, session_id: str) -> None:
-        self.conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+    def delete_session(self, session_id: str) -> bool:
+        """Remove a session row; False if there was none."""
+        return self.conn.execute(
+            "DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount > 0
 
     def expired_sessions(self, now: int) -> list[SessionRow]:
         rows = self.conn.execute(

@@ -50,6 +50,15 @@ DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 
 
+def _ancestors(key: str) -> list[str]:
+    """'a/b/c' -> ['a/b', 'a']: nearest first."""
+    out = []
+    while "/" in key:
+        key = key.rpartition("/")[0]
+        out.append(key)
+    return out
+
+
 def _hash_inline(hasher: Any, chunk: bytes) -> Any:
     """Hash a chunk as it goes by, unless it is big enough to stall the trio thread: then
     give up, and the commit hashes the staging file in a worker thread instead."""
@@ -350,20 +359,20 @@ class ArtifactStore(MountWrites):
 
     def _check_can_hold_file(self, key: str) -> None:
         """Fail early if committing ``key`` would clash with the tree as it is now."""
-        e = self.meta.entry_by_key(key)
+        ancestors = _ancestors(key)
+        found = self.meta.entries_by_keys([key, *ancestors])
+        e = found.get(key)
         if e is not None and e.is_dir:
             raise Conflict(f"{key} is a directory", errno=errno.EISDIR)
         if e is not None and e.is_symlink:
             raise Conflict(f"{key} is a symbolic link")
-        parent_key = key.rpartition("/")[0]
-        while parent_key:
-            p = self.meta.entry_by_key(parent_key)
+        for parent_key in ancestors:
+            p = found.get(parent_key)
             if p is not None:
                 if not p.is_dir:
                     raise Conflict(f"{parent_key} is a file, so {key} cannot be created",
                                    errno=errno.ENOTDIR)
                 return
-            parent_key = parent_key.rpartition("/")[0]
 
     def _ensure_parents(self, key: str) -> int:
         """Directory rows for every ancestor of ``key`` (in the caller's transaction)."""
@@ -414,15 +423,20 @@ class ArtifactStore(MountWrites):
         created_at = now_ns // 1_000_000_000
         try:
             with self.meta.transaction():
-                if self.meta.session(s.id) is None:
+                if not self.meta.delete_session(s.id):
                     raise NotFound(f"upload session {s.id} was removed while committing")
-                e = self.meta.entry_by_key(s.key)
+                parent_key = s.key.rpartition("/")[0]
+                found = self.meta.entries_by_keys([s.key, parent_key])
+                e = found.get(s.key)
                 if e is not None and e.is_dir:
                     raise Conflict(f"{s.key} is a directory", errno=errno.EISDIR)
                 if e is not None and e.is_symlink:
                     raise Conflict(f"{s.key} is a symbolic link")
                 if e is None:
-                    parent_id = self._ensure_parents(s.key)
+                    p = found.get(parent_key)  # '' is the root's key
+                    # Commonly the directory is there; else create it (or refuse: a file).
+                    parent_id = (p.id if p is not None and p.is_dir
+                                 else self._ensure_parents(s.key))
                     entry_id = self.meta.insert_artifact(
                         parent_id=parent_id, name=s.key.rpartition("/")[2], key=s.key,
                         mode=0o644, uid=self.uid, gid=self.gid, now_ns=now_ns,
@@ -434,7 +448,6 @@ class ArtifactStore(MountWrites):
                         entry_id, blob_id=blob_id, size=size, sha256=sha,
                         mime_type=s.mime_type, created_at=created_at, mtime_ns=now_ns,
                         durable=self.sync)
-                self.meta.delete_session(s.id)
         except ArtifactError:
             # The key cannot take the artifact (a directory appeared meanwhile): nothing to
             # resume, so the session goes with its bytes.
