@@ -33,7 +33,7 @@ from ..models import (
     PaginatedResponse,
 )
 from ..store import ArtifactStore
-from .body import DrainRefusedBodies, RequestBody
+from .body import DrainRefusedBodies
 from .content import content_response
 from .errors import OFFSET_HEADER, ErrorBody, install_error_handlers
 from .guards import BearerToken, JsonBodyLimit
@@ -146,9 +146,10 @@ def create_app(store: ArtifactStore, *, token: str | None = None) -> FastAPI:
         length_header = request.headers.get("content-length")
         length = int(length_header) if length_header is not None else None
         try:
+            # request.stream() hands the body over as it arrives (hypercorn reads 64 KiB at a
+            # time and holds at most a few such messages): never the whole body in memory.
             artifact = await store.upload_stream(
-                upload_id, RequestBody(request.receive).chunks(), offset=claimed,
-                length=length)
+                upload_id, request.stream(), offset=claimed, length=length)
         except ClientDisconnect:
             # The store kept what arrived; the client resumes from get_upload_session_info.
             log.info("client went away during an upload to session %s", upload_id)

@@ -1,4 +1,4 @@
-"""Request bodies read as a stream: uploads go to disk chunk by chunk, never whole in memory.
+"""Refused request bodies are read before the answer goes out.
 
 A refused body is read and dropped (up to a cap) before the answer is sent: a server that
 closes a connection with unread bytes makes the kernel send a reset, and most clients, which
@@ -10,10 +10,7 @@ validation errors, unknown routes, a wrong token, a body over the JSON cap).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import trio
-from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 DISCARD_LIMIT = 64 << 20
@@ -31,28 +28,6 @@ async def discard_body(receive: Receive, limit: int = DISCARD_LIMIT) -> None:
             dropped += len(message.get("body", b""))
             if not message.get("more_body", False):
                 return
-
-
-class RequestBody:
-    """A request body as an async iterator of chunks that knows whether it was read to the end.
-
-    Starlette's ``request.stream()`` cannot say that, and reading past the end would wait for
-    the client to hang up.
-    """
-
-    def __init__(self, receive: Receive) -> None:
-        self._receive = receive
-        self.complete = False
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        while not self.complete:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnect
-            self.complete = not message.get("more_body", False)
-            body = message.get("body", b"")
-            if body:
-                yield body
 
 
 class DrainRefusedBodies:

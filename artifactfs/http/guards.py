@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("artifactfs.http")
 
+
 class BearerToken:
     """Refuse every HTTP request whose ``Authorization`` is not ``Bearer <token>``."""
 
