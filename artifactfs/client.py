@@ -77,7 +77,9 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"artifactfs: HTTP error talking to {args.url}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("artifactfs: interrupted", file=sys.stderr)
+        hint = "; run the same command again to continue the upload" if (
+            args.command == "put") else ""
+        print(f"artifactfs: interrupted{hint}", file=sys.stderr)
         return 130
 
 
