@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import random
 import time
 from pathlib import Path
 
@@ -140,3 +141,23 @@ def _assert_bytes(p: Path, data: bytes) -> None:
 def _assert_gone(p: Path) -> None:
     assert not p.exists()
     assert p.name not in os.listdir(p.parent)
+
+
+def test_many_writers_at_once_each_commit_is_right(workdir: Path, mount: Mount) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def write(i: int) -> tuple[str, int, str]:
+        rng = random.Random(i)
+        data = rng.randbytes(rng.choice([0, 1, 4096, 70_000, 1 << 20]) + i)
+        p = workdir / f"w{i:03d}.bin"
+        with open(p, "wb") as f:
+            for off in range(0, len(data), 65536):
+                f.write(data[off:off + 65536])
+        return key_of(mount, p), len(data), hashlib.sha256(data).hexdigest()
+
+    with ThreadPoolExecutor(8) as pool:
+        expected = {k: (n, h) for k, n, h in pool.map(write, range(48))}
+    with mount.http() as c:
+        listed = c.get("/v1/artifacts", params={"prefix": workdir.name + "/",
+                                                "limit": 1000}).json()["data"]
+    assert {a["key"]: (a["size"], a["sha256"]) for a in listed} == expected
