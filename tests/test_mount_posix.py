@@ -249,3 +249,24 @@ def test_fsync_and_statfs(workdir: Path) -> None:
     assert p.read_bytes() == b"d" * 10000
     st = os.statvfs(workdir)
     assert st.f_namemax == 255 and st.f_blocks > 0
+
+
+def test_open_for_writing_without_writing_commits_nothing(workdir: Path, mount: Mount) -> None:
+    p = workdir / "ro_use.bin"
+    p.write_bytes(b"q" * 100_000)
+    key = f"{workdir.name}/ro_use.bin"
+
+    def commits() -> int:
+        return mount.log().count(f"committed {key} ")
+
+    assert commits() == 1
+    with open(p, "r+b") as f:
+        assert f.read(10) == b"q" * 10
+    with open(p, "ab"):
+        pass
+    assert commits() == 1  # no copy, no new version
+    with open(p, "r+b") as f:
+        f.seek(5)
+        f.write(b"W")
+    assert commits() == 2
+    assert p.read_bytes() == b"q" * 5 + b"W" + b"q" * 99_994

@@ -356,10 +356,14 @@ class Operations(pyfuse3.Operations):
         if flags & os.O_ACCMODE == os.O_RDONLY:
             fd = self.store.open_read(e.id)
             h = FileHandle(inode=inode, entry_id=e.id, entry=e, fd=fd)
-        else:
-            ws = await self.store.open_write(e.id, truncate=bool(flags & os.O_TRUNC))
+        elif flags & os.O_TRUNC:
+            ws = await self.store.open_write(e.id, truncate=True)
             h = FileHandle(inode=inode, entry_id=e.id, entry=self.store.entry(e.id), ws=ws,
                            writable=True)
+        else:
+            # The session (a copy of the artifact) starts at the first write: a file opened
+            # read-write only to be read or mapped (np.memmap r+) costs no copy and no commit.
+            h = FileHandle(inode=inode, entry_id=e.id, entry=e, writable=True)
         # keep_cache: a committed artifact never changes under its inode except through this
         # mount (the kernel saw it); another face's change gets a new inode (inodes.py).
         return pyfuse3.FileInfo(fh=self._add_handle(h), keep_cache=True)
@@ -382,7 +386,8 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self._handles[fh]
         if h.ws is None:
-            # Written again after its commit at flush (a dup'd fd, a shared mapping).
+            # The first write of a handle opened without O_TRUNC, or one written again after
+            # its commit at flush (a dup'd fd, a shared mapping).
             async with h.lock:
                 if h.ws is None:
                     h.ws = await self.store.open_write(h.entry_id, truncate=False)
