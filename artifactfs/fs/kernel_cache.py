@@ -53,7 +53,9 @@ class KernelCache:
     async def run(self) -> None:
         async with self._receive:
             async for item in self._receive:
-                await trio.to_thread.run_sync(invalidate, item)
+                # Abandoned on cancel: at shutdown the kernel may hold the call until the
+                # unmount aborts the requests no one will answer any more.
+                await trio.to_thread.run_sync(invalidate, item, abandon_on_cancel=True)
 
 
 def invalidate(item: Invalidation) -> None:
