@@ -27,105 +27,27 @@ the entry id before asking the store.
 from __future__ import annotations
 
 import errno
-import functools
 import itertools
 import logging
 import os
-import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
-from typing import ParamSpec, TypeVar
+from dataclasses import replace
 
 import pyfuse3
 import trio
 
 from ..errors import ArtifactError
 from ..models import MAX_COMPONENT_BYTES
-from ..store import ArtifactStore, Change, Entry, WriteSession
+from ..store import ArtifactStore, Change, Entry
 from .attributes import entry_attributes
+from .handles import DirHandle, FileHandle
 from .inodes import InodeMap
 from .kernel_cache import Invalidation, KernelCache
+from .translate import translated
 
 log = logging.getLogger("artifactfs.fs")
 
 # Entries per store query while listing a directory: one query per batch (PLATFORM.md).
 READDIR_BATCH = 512
-# How long entries fetched for one readdir reply may wait for the next (seconds).
-PENDING_TTL = 1.0
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Raise every failure as FUSEError(errno): pyfuse3 lets any other exception end the loop
-    and leaves the request unanswered (the caller would hang)."""
-
-    @functools.wraps(fn)
-    async def handler(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except ArtifactError as exc:
-            if exc.errno == errno.EIO:
-                log.error("%s failed: %s", fn.__name__, exc)
-            else:
-                log.debug("%s: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(exc.errno) from None
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise pyfuse3.FUSEError(exc.errno) from None
-            log.exception("%s failed", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except KeyError:
-            raise pyfuse3.FUSEError(errno.EBADF) from None
-        except Exception:
-            log.exception("%s failed", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-
-    return handler
-
-
-@dataclass(eq=False)
-class FileHandle:
-    """One open file description of the kernel (one open(2), shared by dup and fork)."""
-
-    inode: int  # the kernel's inode number (entry id and version)
-    entry_id: int
-    # What the file was when opened (last known row): stat on a file unlinked while open.
-    entry: Entry
-    # Read-only fd this handle owns: the version it reads when no one is writing the inode.
-    fd: int | None = None
-    # The inode's write session while this handle is one of its writers.
-    ws: WriteSession | None = None
-    writable: bool = False
-    lock: trio.Lock = field(default_factory=trio.Lock)
-
-
-@dataclass(eq=False)
-class DirHandle:
-    """One opendir: the directory and the entries a batch fetched beyond the last reply."""
-
-    entry_id: int
-    after: int = -1
-    pending: list[Entry] = field(default_factory=list)
-    complete: bool = False
-    fetched_at: float = 0.0
-
-    def keep(self, after: int, entries: list[Entry], complete: bool) -> None:
-        self.after, self.pending, self.complete = after, entries, complete
-        self.fetched_at = time.monotonic()
-
-    def take(self, after: int) -> list[Entry] | None:
-        """The kept entries if the kernel continues where the last reply stopped, and soon
-        (a listing that pauses gets fresh rows and attributes)."""
-        if after != self.after or not self.pending or (
-                time.monotonic() - self.fetched_at > PENDING_TTL):
-            return None
-        entries, self.pending, self.after = self.pending, [], -1
-        return entries
-
 
 class Operations(pyfuse3.Operations):
     """The mount's request handlers (see the module docstring for open-file semantics)."""
