@@ -86,7 +86,10 @@ class Metadata:
     def __init__(self, path: Path, *, synchronous_full: bool = False) -> None:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves so a transaction's extent is
         # visible in the code (see transaction()).
+        self.path = path
         self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # A second connection used only by checkpoint(), in a worker thread (opened lazily).
+        self._checkpointer: sqlite3.Connection | None = None
         self.db = sqlite_utils.Database(self.conn)
         self.db.enable_wal()
         # NORMAL in WAL survives a process crash; a power loss may roll back the newest
@@ -96,8 +99,9 @@ class Metadata:
         self.conn.execute("PRAGMA busy_timeout = 5000")
         self.conn.execute("PRAGMA cache_size = -16000")
         # A checkpoint costs two fsyncs; at the default 1000 pages a burst of small commits
-        # checkpointed every ~100 commits. 10000 pages (40 MiB of WAL) cut those fsyncs 6x
-        # (docs/PERFORMANCE.md, "Store").
+        # checkpointed every ~100 commits. The background task checkpoints in a worker thread
+        # (checkpoint()); this threshold is the safety net if it falls behind: 10000 pages
+        # (40 MiB of WAL) (docs/PERFORMANCE.md, "Store").
         self.conn.execute("PRAGMA wal_autocheckpoint = 10000")
         create_schema(self.conn, time.time_ns())  # idempotent: IF NOT EXISTS / OR IGNORE
         # Entry ids are the mount's inode numbers, and SQLite hands the largest rowid out again
@@ -108,7 +112,25 @@ class Metadata:
                             .fetchone()[0])
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+            self._checkpointer = None
         self.conn.close()
+
+    def checkpoint(self) -> tuple[int, int, int]:
+        """Copy the WAL back into the database file: runs in a worker thread.
+
+        A checkpoint fsyncs the WAL and the database file; done by the autocheckpoint it
+        stalled the trio thread (and the commit that crossed the threshold) for tens of ms.
+        It uses a connection of its own, never ``self.conn``: WAL lets a checkpointer run
+        beside the writer, and PASSIVE never waits for a lock. Returns SQLite's
+        (busy, frames in the WAL, frames checkpointed).
+        """
+        if self._checkpointer is None:
+            self._checkpointer = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False)
+        row = self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return int(row[0]), int(row[1]), int(row[2])
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

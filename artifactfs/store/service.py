@@ -525,12 +525,13 @@ class ArtifactStore(MountWrites):
 
     async def run_background(self, *, flush_interval: float = 2.0,
                              sweep_interval: float = 60.0) -> None:
-        """The flusher and the session sweeper; runs until cancelled."""
+        """The flusher, the WAL checkpointer and the session sweeper; runs until cancelled."""
         next_sweep = trio.current_time()
         while True:
             await trio.sleep(flush_interval)
             try:
                 await self.flush_async()
+                await trio.to_thread.run_sync(self.meta.checkpoint)
                 if trio.current_time() >= next_sweep:
                     self.sweep_expired()
                     next_sweep = trio.current_time() + sweep_interval
