@@ -191,6 +191,10 @@ def test_getfattr_setfattr(workdir: Path) -> None:
     assert other.returncode != 0
     missing = run("getfattr", "-n", "user.nothing", f, check=False)
     assert missing.returncode != 0 and b"No such attribute" in missing.stderr
+    # Other namespaces are not supported at all (ls -l then stops asking for ACLs, labels).
+    for name in ("security.selinux", "system.posix_acl_access", "trusted.x"):
+        other_ns = run("getfattr", "-n", name, f, check=False)
+        assert b"Operation not supported" in other_ns.stderr, name
 
 
 def test_large_directory_ls_find_rm_r(workdir: Path, mount: Mount) -> None:
