@@ -195,7 +195,10 @@ def _mount_in_background(args: argparse.Namespace, mountpoint: str, data_dir: Pa
               f"{', HTTP at ' + url if url.startswith('http') else ''}; log {log_path})",
               file=sys.stderr)
         return 0
-    if child.poll() is None:
+    try:
+        # It reported its error (or closed the pipe): let it finish cleaning up.
+        child.wait(timeout=30 if message else 5)
+    except subprocess.TimeoutExpired:
         log.warning("the mount daemon (pid %d) did not become ready; stopping it", child.pid)
         child.terminate()
         try:
