@@ -169,3 +169,17 @@ def test_mount_errors_are_clear(places: tuple[Path, Path], tmp_path: Path) -> No
     (tmp_path / "file").write_bytes(b"")
     r = artifactfs("mount", tmp_path / "file", "--data", data)
     assert r.returncode != 0 and "not a directory" in r.stderr
+
+
+def test_http_address_in_use_is_a_clear_error(places: tuple[Path, Path]) -> None:
+    import socket
+
+    mp, data = places
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = artifactfs("mount", mp, "--data", data, "--http", f"127.0.0.1:{port}")
+    assert r.returncode != 0 and "Address already in use" in r.stderr, r.stderr
+    assert not is_mounted(mp)
+    assert _daemon_pid(data) is None
