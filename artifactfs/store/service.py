@@ -314,6 +314,9 @@ class ArtifactStore(MountWrites):
         self._after_delete([e])
 
     async def bulk_delete_artifacts(self, request: BulkDeleteRequest | Iterable[str]) -> None:
+        if isinstance(request, str | bytes):
+            # A str is an Iterable[str] of its characters: "ab" would delete 'a' and 'b'.
+            raise InvalidArgument("bulk_delete_artifacts takes a list of keys, not one key")
         keys = ([a.key for a in request.artifacts] if isinstance(request, BulkDeleteRequest)
                 else list(request))
         for key in keys:
@@ -464,6 +467,8 @@ class ArtifactStore(MountWrites):
         else:
             if e.blob_id:
                 self._doom(e.blob_id)
+            else:
+                self._changed_keys()  # a file still being written in the mount joins the list
             self._notify(Change("content", entry_id, e.parent_id, e.name))
         log.info("committed %s (%d bytes, sha256 %s)", s.key, size, sha[:12])
         return ArtifactResponse(
