@@ -297,6 +297,10 @@ async def test_bulk_delete_is_all_or_nothing(store: ArtifactStore) -> None:
         await store.bulk_delete_artifacts(["x/1", "a//b"])
     assert snapshot(store) == before
 
+    with pytest.raises(InvalidArgument, match="list of keys"):
+        await store.bulk_delete_artifacts("x/1")  # a str is not a list of one-letter keys
+    assert snapshot(store) == before
+
     await store.bulk_delete_artifacts(req("x/1", "x/2", "x/1"))  # duplicates are one delete
     assert [a["key"] for a in await all_artifacts(store)] == [
         "datasets/v1/train.jsonl", "models/ckpt.bin"]

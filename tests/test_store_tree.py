@@ -269,3 +269,22 @@ async def test_paging_over_thousands_of_keys(store: ArtifactStore) -> None:
         if not page.has_more:
             break
     assert got == under
+
+
+async def test_http_commit_over_a_file_open_in_the_mount(store: ArtifactStore) -> None:
+    """Last writer wins; and the key joining the listing invalidates cached page cursors."""
+    for k in ("k1", "k2", "k3", "k4"):
+        await put(store, k, k.encode())
+    e, ws = store.create_file(ROOT_ID, "k0", 0o644, 0, 0)  # pending: not an artifact yet
+    os.pwrite(ws.fd, b"from the mount", 0)
+    first = await store.list_artifacts(0, 2)
+    assert [a["key"] for a in first.data] == ["k1", "k2"]
+    await put(store, "k0", b"from http")
+    assert read(store, "k0") == b"from http"
+    second = await store.list_artifacts(2, 2)  # offsets now count k0
+    assert [a["key"] for a in second.data] == ["k2", "k3"]
+    await store.release_write(ws)
+    assert read(store, "k0") == b"from the mount"
+    assert store.lookup(ROOT_ID, "k0").id == e.id
+    store.flush()
+    check_invariants(store)
