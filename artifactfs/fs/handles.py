@@ -38,16 +38,18 @@ class DirHandle:
     pending: list[Entry] = field(default_factory=list)
     complete: bool = False
     fetched_at: float = 0.0
+    removals: int = 0
 
-    def keep(self, after: int, entries: list[Entry], complete: bool) -> None:
+    def keep(self, after: int, entries: list[Entry], complete: bool, removals: int) -> None:
         self.after, self.pending, self.complete = after, entries, complete
-        self.fetched_at = time.monotonic()
+        self.fetched_at, self.removals = time.monotonic(), removals
 
-    def take(self, after: int) -> list[Entry] | None:
-        """The kept entries if the kernel continues where the last reply stopped, and soon
-        (a listing that pauses gets fresh rows and attributes)."""
-        if after != self.after or not self.pending or (
-                time.monotonic() - self.fetched_at > PENDING_TTL):
+    def take(self, after: int, removals: int) -> list[Entry] | None:
+        """The kept entries if the kernel continues where the last reply stopped, soon, and
+        nothing was removed, renamed or replaced since they were read (readdirplus hands the
+        kernel a name and attributes it caches for a day: they must be true when sent)."""
+        if (after != self.after or not self.pending or removals != self.removals
+                or time.monotonic() - self.fetched_at > PENDING_TTL):
             return None
         entries, self.pending, self.after = self.pending, [], -1
         return entries

@@ -64,6 +64,9 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, FileHandle] = {}
         self._by_inode: dict[int, set[FileHandle]] = {}
         self._dirs: dict[int, DirHandle] = {}
+        # Counts names that went or changed (unlink, rmdir, rename, another face's change):
+        # entries a readdir batch read before such a change are not handed to the kernel.
+        self._removals = 0
         self._next_fh = itertools.count(1)
         self.initialized = trio.Event()
         store.add_listener(self._changed_elsewhere)
@@ -76,6 +79,7 @@ class Operations(pyfuse3.Operations):
     def _changed_elsewhere(self, change: Change) -> None:
         """The store's listener for changes made by another face. Runs inside the store's
         call on the trio thread: bookkeeping and a queue only (kernel_cache.py says why)."""
+        self._removals += 1
         if change.parent_id is None:
             return
         parent = self.inodes.inode(change.parent_id)
@@ -173,7 +177,7 @@ class Operations(pyfuse3.Operations):
         # held beyond one reply waits on the handle for the next request.
         d = self._dirs[fh]
         after = start_id
-        batch = d.take(after)
+        batch = d.take(after, self._removals)
         while True:
             if batch is None:
                 batch = self.store.readdir(d.entry_id, after, READDIR_BATCH)
@@ -182,7 +186,7 @@ class Operations(pyfuse3.Operations):
                 complete = d.complete
             for i, e in enumerate(batch):
                 if not pyfuse3.readdir_reply(token, os.fsencode(e.name), self._attrs(e), e.id):
-                    d.keep(after, batch[i:], complete)
+                    d.keep(after, batch[i:], complete, self._removals)
                     return
                 after = e.id
             if complete:
@@ -201,15 +205,18 @@ class Operations(pyfuse3.Operations):
 
     @translated
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._removals += 1
         self.store.rmdir(self.inodes.entry_id(parent_inode), os.fsdecode(name))
 
     @translated
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._removals += 1
         self.store.unlink(self.inodes.entry_id(parent_inode), os.fsdecode(name))
 
     @translated
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        self._removals += 1
         self.store.rename(self.inodes.entry_id(parent_inode_old), os.fsdecode(name_old),
                           self.inodes.entry_id(parent_inode_new), os.fsdecode(name_new), flags)
 
