@@ -303,14 +303,18 @@ class Metadata:
         self, *, after_key: str | None, lo: str, hi: str | None, offset: int, limit: int
     ) -> list[Entry]:
         """Committed artifacts with ``lo <= key < hi`` in key order, from a cursor or offset."""
-        where = ["kind = 'file'", "blob_id IS NOT NULL", "key >= ?"]
-        params: list[object] = [lo]
+        # One lower bound only: given both 'key >= lo' and 'key > after', SQLite starts the
+        # index range at the first and filters by the second, so every cursor page scanned
+        # from lo again and paging was O(n^2) (scripts/bench_store.py, section 3).
+        if after_key is not None and after_key >= lo:
+            where = ["kind = 'file'", "blob_id IS NOT NULL", "key > ?"]
+            params: list[object] = [after_key]
+        else:
+            where = ["kind = 'file'", "blob_id IS NOT NULL", "key >= ?"]
+            params = [lo]
         if hi is not None:
             where.append("key < ?")
             params.append(hi)
-        if after_key is not None:
-            where.append("key > ?")
-            params.append(after_key)
         params += [limit, offset]
         rows = self.conn.execute(
             f"SELECT {ENTRY_COLUMNS} FROM entries INDEXED BY artifacts_by_key"
