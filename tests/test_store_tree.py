@@ -288,3 +288,35 @@ async def test_http_commit_over_a_file_open_in_the_mount(store: ArtifactStore) -
     assert store.lookup(ROOT_ID, "k0").id == e.id
     store.flush()
     check_invariants(store)
+
+
+async def test_paging_by_cursor_costs_the_same_at_any_depth(store: ArtifactStore) -> None:
+    """The cursor cache makes page k cost O(limit), not O(k * limit): counted in SQLite VM
+    steps, so the test does not depend on the machine's speed."""
+    n = 20_000
+    conn = store.meta.conn
+    with store.meta.transaction():
+        conn.executemany(
+            "INSERT INTO entries (parent_id, name, key, kind, mode, mtime_ns, ctime_ns,"
+            " blob_id, size, sha256, mime_type, created_at) VALUES"
+            " (1, ?, ?, 'file', 420, 0, 0, ?, 0, '', 'a/b', 0)",
+            ((f"k{i:06d}", f"k{i:06d}", f"{i:032x}") for i in range(n)))
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    cost: dict[int, int] = {}
+    start = 0
+    while start < n:
+        steps = 0
+        conn.set_progress_handler(count, 100)
+        page = await store.list_artifacts(start, 500)
+        conn.set_progress_handler(None, 0)
+        assert page.data[0]["key"] == f"k{start:06d}"
+        cost[start] = steps
+        start += len(page.data)
+    first, last = cost[500], cost[n - 500]
+    assert last <= 2 * first + 10, f"page at {n - 500} cost {last} steps, page at 500 {first}"
