@@ -1,0 +1,504 @@
+"""Layer 6, a real mount, property-based: the mount against the local disk, step by step.
+
+A hypothesis state machine applies random operations (create, write at an offset, truncate,
+append, rename of files and directories, unlink, mkdir, rmdir, chmod, symlink, reads) to a
+directory in the mount and to a directory on the local disk. After every step both must have
+answered alike (the same result, or the same errno) and both trees must be equal: names, kinds,
+sizes, contents, mode bits, link counts and symlink targets. The HTTP face must list every file
+of the tree as a committed artifact with the same size and sha256, since every rule opens and
+closes its files (close commits, docs/SEMANTICS.md).
+
+The reference is the local disk, plus the differences docs/SEMANTICS.md promises, written out
+here where they apply:
+
+- Names outside ``[A-Za-z0-9_.-]`` fail with EINVAL and keys over 1024 bytes with
+  ENAMETOOLONG in the mount only (the disk takes them): those rules run against the mount alone
+  and check that nothing changed.
+- A directory's ``st_size`` is the file system's business (0 in the mount, a block on ext4);
+  it is not compared. Times are not compared.
+
+One rule keeps a file open for writing across steps (``hold_open``) while the other rules read
+it, rename it, unlink it or replace it: everything runs in this one thread, so the sequence is
+deterministic.
+
+One mount serves the whole run; each example starts from empty trees (both are wiped through
+their own file system). CI: ``max_examples`` 15 * SCALE, 30 steps each.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import shutil
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SCALE
+from hypothesis import note, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from mountutil import Mount, mount_fixture
+
+pytestmark = pytest.mark.mount
+
+mount = mount_fixture()
+
+NAMES = ("a", "b", "c.txt", "...")
+BAD_NAMES = ("with space", "colon:name", "star*", "\u00fc", "new\nline", "back\\slash")
+SIZES = (0, 1, 7, 4095, 4096, 4097, 70_000)
+OFFSETS = (0, 1, 3, 4095, 4096, 5000, 131_079)
+FILE_MODES = (0o644, 0o600, 0o755, 0o444, 0o000, 0o777)
+DIR_MODES = (0o755, 0o700, 0o777, 0o555)
+MAX_KEY = 1024
+WORKSPACE = "model"  # the state machine's directory in the mount (part of every key)
+
+sizes = st.sampled_from(SIZES)
+offsets = st.sampled_from(OFFSETS)
+
+
+def content(seed: int, n: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+contents = st.builds(content, st.integers(0, 2**16), sizes)
+
+Outcome = tuple[str, Any]
+
+
+def attempt(fn: Callable[[], Any]) -> Outcome:
+    try:
+        return ("ok", fn())
+    except OSError as e:
+        return ("error", errno.errorcode.get(e.errno or 0, e.errno))
+
+
+def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
+    """Everything compared of a tree, by relative path."""
+    out: dict[str, tuple[Any, ...]] = {}
+
+    def walk(rel: str) -> None:
+        for name in os.listdir(root / rel if rel else root):
+            p = f"{rel}/{name}" if rel else name
+            st_ = os.lstat(root / p)
+            mode = stat.S_IMODE(st_.st_mode)
+            if stat.S_ISDIR(st_.st_mode):
+                out[p] = ("dir", oct(mode), st_.st_nlink)
+                walk(p)
+            elif stat.S_ISLNK(st_.st_mode):
+                out[p] = ("symlink", os.readlink(root / p), st_.st_size)
+            elif stat.S_ISREG(st_.st_mode):
+                with open(root / p, "rb") as f:
+                    data = f.read()
+                out[p] = ("file", oct(mode), st_.st_size, len(data),
+                          hashlib.sha256(data).hexdigest()[:16], st_.st_nlink)
+            else:
+                out[p] = ("other", st_.st_mode)
+
+    walk("")
+    return out
+
+
+def wipe(root: Path) -> None:
+    for name in os.listdir(root):
+        p = root / name
+        if p.is_dir() and not p.is_symlink():
+            os.chmod(p, 0o755)
+            shutil.rmtree(p)
+        else:
+            os.unlink(p)
+    assert os.listdir(root) == []
+
+
+class MountModel(RuleBasedStateMachine):
+    """Side by side: ``self.mnt`` (in the mount) and ``self.disk`` (the reference)."""
+
+    mount: Mount
+    disk_root: Path
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mnt = self.mount.path / WORKSPACE
+        self.disk = self.disk_root
+        self.mnt.mkdir(exist_ok=True)
+        wipe(self.mnt)
+        wipe(self.disk)
+        # The file held open for writing across steps: (path, mount fd, disk fd).
+        self.held: tuple[str, int, int] | None = None
+
+    def teardown(self) -> None:
+        self._close_held()
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def both(self, what: str, fn: Callable[[Path], Any]) -> Outcome:
+        """Run ``fn`` on each root; both must answer alike."""
+        got = attempt(lambda: fn(self.mnt))
+        want = attempt(lambda: fn(self.disk))
+        note(f"{what}: disk {want[0]} {want[1] if want[0] == 'error' else ''}")
+        assert got == want, f"{what}: mount {got!r}, local disk {want!r}"
+        return got
+
+    def mount_only(self, what: str, fn: Callable[[Path], Any], expected: int) -> None:
+        """What the mount refuses and the disk would take (a documented difference)."""
+        before = snapshot(self.mnt)
+        got = attempt(lambda: fn(self.mnt))
+        assert got == ("error", errno.errorcode[expected]), f"{what}: mount {got!r}"
+        assert snapshot(self.mnt) == before, f"{what} changed the tree"
+
+    def paths(self) -> dict[str, str]:
+        """Every path of the reference tree and its kind."""
+        return {p: v[0] for p, v in snapshot(self.disk).items()}
+
+    def pick(self, data: st.DataObject, label: str, kind: str | None = None) -> str:
+        """A path, biased towards what exists (and towards ``kind``, when the operation wants
+        one), so that operations mostly succeed and still meet every clash."""
+        tree = self.paths()
+        everything = sorted(tree)
+        dirs = sorted(p for p, k in tree.items() if k == "dir")
+        wanted = sorted(p for p, k in tree.items() if k == kind)
+        # Hypothesis's simplest choice is the first: what the operation wants.
+        choices: list[st.SearchStrategy[str]] = []
+        if wanted:
+            choices += [st.sampled_from(wanted)] * 6
+        if everything:
+            choices += [st.sampled_from(everything)] * 2
+        if dirs:
+            choices += [st.tuples(st.sampled_from(dirs), st.sampled_from(NAMES))
+                        .map("/".join)] * 2
+        choices += [st.sampled_from(NAMES),
+                    st.lists(st.sampled_from(NAMES), min_size=2, max_size=3).map("/".join)]
+        return data.draw(st.one_of(*choices), label=label)
+
+    def pick_dir(self, data: st.DataObject) -> str:
+        dirs = sorted(p for p, k in self.paths().items() if k == "dir")
+        return data.draw(st.sampled_from(["", *dirs]), label="dir")
+
+    def _close_held(self) -> None:
+        if self.held is not None:
+            _, fm, fd = self.held
+            self.held = None
+            os.close(fd)
+            os.close(fm)
+
+    @initialize(data=st.data(), n=st.integers(3, 10))
+    def seed_tree(self, data: st.DataObject, n: int) -> None:
+        """A few files and directories to start from (the trees were empty): the rules then
+        mostly meet something that exists."""
+        for _ in range(n):
+            p = self.pick(data, "seed")
+            if data.draw(st.booleans(), label="is a directory"):
+                self.both(f"mkdir {p}", lambda root, p=p: os.mkdir(root / p))
+            else:
+                body = data.draw(contents, label="body")
+                self.both(f"create {p} ({len(body)} bytes)",
+                          lambda root, p=p, body=body: (root / p).write_bytes(body))
+
+    # --- files -----------------------------------------------------------------------------
+
+    @rule(data=st.data(), body=contents, mode=st.sampled_from(FILE_MODES),
+          excl=st.booleans())
+    def create(self, data: st.DataObject, body: bytes, mode: int, excl: bool) -> None:
+        p = self.pick(data, "path")
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if excl else os.O_TRUNC)
+
+        def go(root: Path) -> None:
+            fd = os.open(root / p, flags, mode)
+            try:
+                os.write(fd, body)
+            finally:
+                os.close(fd)
+
+        self.both(f"create {p} ({len(body)} bytes, {mode:o}, excl={excl})", go)
+
+    @rule(data=st.data(), offset=offsets, body=contents, rdwr=st.booleans())
+    def write_at(self, data: st.DataObject, offset: int, body: bytes, rdwr: bool) -> None:
+        p = self.pick(data, "path", "file")
+
+        def go(root: Path) -> None:
+            fd = os.open(root / p, os.O_RDWR if rdwr else os.O_WRONLY)
+            try:
+                os.pwrite(fd, body, offset)
+            finally:
+                os.close(fd)
+
+        self.both(f"write {len(body)} bytes at {offset} of {p}", go)
+
+    @rule(data=st.data(), body=contents)
+    def append(self, data: st.DataObject, body: bytes) -> None:
+        p = self.pick(data, "path", "file")
+
+        def go(root: Path) -> None:
+            fd = os.open(root / p, os.O_WRONLY | os.O_APPEND)
+            try:
+                os.lseek(fd, 0, os.SEEK_SET)  # O_APPEND writes at the end whatever the offset
+                os.write(fd, body)
+            finally:
+                os.close(fd)
+
+        self.both(f"append {len(body)} bytes to {p}", go)
+
+    @rule(data=st.data(), length=st.one_of(sizes, offsets), by_fd=st.booleans())
+    def truncate(self, data: st.DataObject, length: int, by_fd: bool) -> None:
+        p = self.pick(data, "path", "file")
+
+        def go(root: Path) -> None:
+            if not by_fd:
+                os.truncate(root / p, length)
+                return
+            fd = os.open(root / p, os.O_WRONLY)
+            try:
+                os.ftruncate(fd, length)
+            finally:
+                os.close(fd)
+
+        self.both(f"truncate {p} to {length} ({'ftruncate' if by_fd else 'truncate'})", go)
+
+    @rule(data=st.data(), offset=offsets, n=st.sampled_from((1, 100, 5000, 1 << 20)))
+    def read(self, data: st.DataObject, offset: int, n: int) -> None:
+        p = self.pick(data, "path", "file")
+
+        def go(root: Path) -> bytes:
+            fd = os.open(root / p, os.O_RDONLY)
+            try:
+                return os.pread(fd, n, offset)
+            finally:
+                os.close(fd)
+
+        self.both(f"read {n} at {offset} of {p}", go)
+
+    @rule(data=st.data())
+    def unlink(self, data: st.DataObject) -> None:
+        p = self.pick(data, "path", "file")
+        self.both(f"unlink {p}", lambda root: os.unlink(root / p))
+
+    @rule(data=st.data(), mode=st.sampled_from(FILE_MODES + DIR_MODES))
+    def chmod(self, data: st.DataObject, mode: int) -> None:
+        p = self.pick(data, "path")
+        self.both(f"chmod {mode:o} {p}", lambda root: os.chmod(root / p, mode))
+
+    # --- directories and names -------------------------------------------------------------
+
+    @rule(data=st.data(), mode=st.sampled_from(DIR_MODES))
+    def mkdir(self, data: st.DataObject, mode: int) -> None:
+        p = self.pick(data, "path")
+        self.both(f"mkdir {p} {mode:o}", lambda root: os.mkdir(root / p, mode))
+
+    @rule(data=st.data())
+    def rmdir(self, data: st.DataObject) -> None:
+        p = self.pick(data, "path", "dir")
+        self.both(f"rmdir {p}", lambda root: os.rmdir(root / p))
+
+    @rule(data=st.data(), kinds=st.tuples(st.sampled_from(("file", "dir", "symlink")),
+                                          st.sampled_from((None, "file", "dir"))))
+    def rename(self, data: st.DataObject, kinds: tuple[str, str | None]) -> None:
+        src = self.pick(data, "src", kinds[0])
+        dst = self.pick(data, "dst", kinds[1])
+        self.both(f"rename {src} -> {dst}", lambda root: os.rename(root / src, root / dst))
+
+    @rule(data=st.data())
+    def rename_into_other_dir(self, data: st.DataObject) -> None:
+        """Keep the name, change the directory: mv x d/."""
+        src = self.pick(data, "src", data.draw(st.sampled_from(("file", "dir"))))
+        d = self.pick_dir(data)
+        dst = f"{d}/{src.rpartition('/')[2]}" if d else src.rpartition("/")[2]
+        self.both(f"rename {src} -> {dst}", lambda root: os.rename(root / src, root / dst))
+
+    @rule(data=st.data(), up=st.integers(0, 2))
+    def symlink(self, data: st.DataObject, up: int) -> None:
+        p = self.pick(data, "path")
+        # Relative targets only (the roots differ), never above the workspace (where the
+        # link's directory really is: the path may pass through other links).
+        where = os.path.realpath(self.disk / p.rpartition("/")[0])
+        rel = os.path.relpath(where, os.path.realpath(self.disk))
+        up = 0 if rel.startswith("..") else min(up, 0 if rel == "." else rel.count("/") + 1)
+        target = "../" * up + self.pick(data, "target")
+        self.both(f"symlink {p} -> {target}", lambda root: os.symlink(target, root / p))
+
+    @rule(data=st.data())
+    def readlink(self, data: st.DataObject) -> None:
+        p = self.pick(data, "path", "symlink")
+        self.both(f"readlink {p}", lambda root: os.readlink(root / p))
+
+    @rule(data=st.data())
+    def listdir(self, data: st.DataObject) -> None:
+        p = self.pick(data, "path", "dir")
+        self.both(f"listdir {p}", lambda root: sorted(os.listdir(root / p)))
+
+    # --- what only the mount refuses -------------------------------------------------------
+
+    @rule(data=st.data(), bad=st.sampled_from(BAD_NAMES),
+          op=st.sampled_from(("create", "mkdir", "symlink", "rename")))
+    def invalid_name(self, data: st.DataObject, bad: str, op: str) -> None:
+        d = self.pick_dir(data)
+        p = f"{d}/{bad}" if d else bad
+        if op == "create":
+            self.mount_only(f"create {p!r}", lambda root: open(root / p, "wb").close(),
+                            errno.EINVAL)
+        elif op == "mkdir":
+            self.mount_only(f"mkdir {p!r}", lambda root: os.mkdir(root / p), errno.EINVAL)
+        elif op == "symlink":
+            self.mount_only(f"symlink {p!r}", lambda root: os.symlink("a", root / p),
+                            errno.EINVAL)
+        else:
+            everything = sorted(self.paths())
+            if not everything:
+                return
+            src = data.draw(st.sampled_from(everything), label="src")
+            self.mount_only(f"rename {src} -> {p!r}",
+                            lambda root: os.rename(root / src, root / p), errno.EINVAL)
+        # A name no key can hold is simply absent.
+        self.mount_only(f"stat {p!r}", lambda root: os.lstat(root / p), errno.ENOENT)
+
+    @rule(data=st.data())
+    def long_component(self, data: st.DataObject) -> None:
+        """255 bytes is a name; 256 is too long, in the mount as on the disk."""
+        d = self.pick_dir(data)
+        prefix = f"{d}/" if d else ""
+        self.both("create 255-byte name",
+                  lambda root: open(root / (prefix + "n" * 255), "wb").close())
+        self.both("create 256-byte name",
+                  lambda root: open(root / (prefix + "n" * 256), "wb").close())
+        self.both("mkdir 256-byte name", lambda root: os.mkdir(root / (prefix + "m" * 256)))
+        self.both("unlink 255-byte name", lambda root: os.unlink(root / (prefix + "n" * 255)))
+
+    @rule(data=st.data())
+    def long_key(self, data: st.DataObject) -> None:
+        """A key of 1024 bytes is one; 1025 is too long in the mount only (the disk's limit is
+        PATH_MAX). Self-contained: the long chain is gone at the end of the step, so that other
+        rules never meet keys near the limit."""
+        chain = "deep/" + "/".join(["x" * 250] * 3)  # key: model/deep/ + 3 * 251 - 1
+        self.both("mkdir -p the chain", lambda root: os.makedirs(root / chain))
+        room = MAX_KEY - len(f"{WORKSPACE}/{chain}/")
+        self.both("create a 1024-byte key",
+                  lambda root: open(root / chain / ("k" * room), "wb").close())
+        self.mount_only("create a 1025-byte key",
+                        lambda root: open(root / chain / ("k" * (room + 1)), "wb").close(),
+                        errno.ENAMETOOLONG)
+        self.mount_only("mkdir a 1025-byte key",
+                        lambda root: os.mkdir(root / chain / ("k" * (room + 1))),
+                        errno.ENAMETOOLONG)
+        # A directory whose deepest key would pass 1024 bytes once moved.
+        everything = sorted(self.paths())
+        movable = [p for p in everything if not p.startswith("deep")]
+        if movable:
+            src = data.draw(st.sampled_from(movable), label="moved")
+            depth = max(len(p) - len(src) for p in everything
+                        if p == src or p.startswith(src + "/"))
+            name = "r" * max(1, min(255, room - depth))
+            dst = f"{chain}/{name}"
+            deepest = len(f"{WORKSPACE}/{dst}") + depth
+            if deepest > MAX_KEY:
+                self.mount_only(f"rename {src} -> {dst[:20]}...({deepest} bytes deep)",
+                                lambda root: os.rename(root / src, root / dst),
+                                errno.ENAMETOOLONG)
+            else:
+                self.both(f"rename {src} -> {dst[:20]}...",
+                          lambda root: os.rename(root / src, root / dst))
+                self.both("rename back", lambda root: os.rename(root / dst, root / src))
+        self.both("rm -r the chain", lambda root: shutil.rmtree(root / "deep"))
+
+    # --- one file held open for writing across steps ---------------------------------------
+
+    @precondition(lambda self: self.held is None)
+    @rule(data=st.data(), creat=st.booleans(), trunc=st.booleans())
+    def hold_open(self, data: st.DataObject, creat: bool, trunc: bool) -> None:
+        p = self.pick(data, "path", "file")
+        flags = os.O_RDWR | (os.O_CREAT if creat else 0) | (os.O_TRUNC if trunc else 0)
+        fds: dict[Path, int] = {}
+
+        def go(root: Path) -> None:
+            fds[root] = os.open(root / p, flags, 0o644)
+
+        if self.both(f"hold {p} open (creat={creat}, trunc={trunc})", go)[0] == "ok":
+            self.held = (p, fds[self.mnt], fds[self.disk])
+
+    @precondition(lambda self: self.held is not None)
+    @rule(offset=offsets, body=contents)
+    def held_write(self, offset: int, body: bytes) -> None:
+        assert self.held is not None
+        _, fm, fd = self.held
+        got = attempt(lambda: os.pwrite(fm, body, offset))
+        want = attempt(lambda: os.pwrite(fd, body, offset))
+        assert got == want, f"write to the held file: mount {got}, disk {want}"
+
+    @precondition(lambda self: self.held is not None)
+    @rule(length=st.one_of(sizes, offsets))
+    def held_truncate(self, length: int) -> None:
+        assert self.held is not None
+        _, fm, fd = self.held
+        assert attempt(lambda: os.ftruncate(fm, length)) == attempt(
+            lambda: os.ftruncate(fd, length))
+
+    @precondition(lambda self: self.held is not None)
+    @rule(offset=offsets, n=st.sampled_from((1, 5000, 1 << 20)))
+    def held_read(self, offset: int, n: int) -> None:
+        """The writer reads its own bytes; fstat agrees (nlink 0 once unlinked)."""
+        assert self.held is not None
+        _, fm, fd = self.held
+        assert os.pread(fm, n, offset) == os.pread(fd, n, offset)
+        sm, sd = os.fstat(fm), os.fstat(fd)
+        assert (sm.st_size, sm.st_nlink) == (sd.st_size, sd.st_nlink)
+
+    @precondition(lambda self: self.held is not None)
+    @rule()
+    def close_held(self) -> None:
+        self._close_held()
+
+    # --- after every step ------------------------------------------------------------------
+
+    @invariant()
+    def trees_equal(self) -> None:
+        got, want = snapshot(self.mnt), snapshot(self.disk)
+        if got != want:
+            diff = {k: (got.get(k), want.get(k)) for k in sorted(set(got) | set(want))
+                    if got.get(k) != want.get(k)}
+            raise AssertionError(f"trees differ (mount, disk): {diff}")
+
+    @invariant()
+    def files_are_artifacts(self) -> None:
+        """Every closed file is a committed artifact (the held one may not be yet)."""
+        if self.held is not None:
+            return
+        want = {}
+        for p, v in snapshot(self.disk).items():
+            if v[0] == "file":
+                want[f"{WORKSPACE}/{p}"] = (v[2], v[4])
+        got = {a["key"]: (a["size"], a["sha256"][:16])
+               for a in artifacts(self.mount, f"{WORKSPACE}/")}
+        assert got == want, "the HTTP face lists other artifacts than the tree's files"
+
+
+def artifacts(mount: Mount, prefix: str) -> Iterator[dict[str, Any]]:
+    with mount.http() as c:
+        start = 0
+        while True:
+            r = c.get("/v1/artifacts", params={"prefix": prefix, "start_index": start,
+                                                "limit": 1000})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            yield from body["data"]
+            if not body["has_more"]:
+                return
+            start += len(body["data"])
+
+
+def test_mount_behaves_like_local_disk(mount: Mount, tmp_path: Path) -> None:
+    MountModel.mount = mount
+    MountModel.disk_root = tmp_path / "disk"
+    MountModel.disk_root.mkdir()
+    run_state_machine_as_test(
+        MountModel,
+        settings=settings(max_examples=15 * SCALE, stateful_step_count=30),
+    )
