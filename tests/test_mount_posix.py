@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -171,11 +172,15 @@ def test_too_long_names(workdir: Path) -> None:
     fails(errno.ENAMETOOLONG, open, p / ("f" * 200), "wb")
 
 
-def test_unsupported_link_mknod(workdir: Path) -> None:
+def test_unsupported_link_mknod(workdir: Path, mount: Mount) -> None:
     (workdir / "f").write_bytes(b"x")
     fails(errno.EPERM, os.link, workdir / "f", workdir / "hard")
     fails(errno.EPERM, os.mkfifo, workdir / "fifo")
+    fails(errno.EPERM, os.mknod, workdir / "sock", 0o600 | stat.S_IFSOCK)
     assert sorted(os.listdir(workdir)) == ["f"]
+    os.mknod(workdir / "regular", 0o600 | stat.S_IFREG)  # a regular file is just a file
+    assert (workdir / "regular").read_bytes() == b""
+    assert mount.get(f"{workdir.name}/regular").json()["size"] == 0
 
 
 def test_symlinks(workdir: Path) -> None:

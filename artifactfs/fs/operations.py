@@ -30,6 +30,7 @@ import errno
 import itertools
 import logging
 import os
+import stat
 from dataclasses import replace
 
 import pyfuse3
@@ -236,11 +237,17 @@ class Operations(pyfuse3.Operations):
         # DESIGN §3: hard links are not offered; fail at once, not with ENOSYS.
         raise pyfuse3.FUSEError(errno.EPERM)
 
+    @translated
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        # DESIGN §3: device nodes, FIFOs and sockets are not offered (regular files arrive
-        # through create).
-        raise pyfuse3.FUSEError(errno.EPERM)
+        if not stat.S_ISREG(mode):
+            # DESIGN §3: device nodes, FIFOs and sockets are not offered.
+            raise pyfuse3.FUSEError(errno.EPERM)
+        # mknod(S_IFREG) makes an empty file, as create followed by close does.
+        e, ws = self.store.create_file(self.inodes.entry_id(parent_inode), os.fsdecode(name),
+                                       mode, ctx.uid, ctx.gid)
+        committed = await self.store.release_write(ws)
+        return self._attrs(committed or e)
 
     @translated
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
