@@ -122,6 +122,11 @@ class ArtifactStore(MountWrites):
             created_at=e.created_at, sha256=e.sha256,
         )
 
+    def _artifact_dict(self, e: Entry) -> dict[str, Any]:
+        """``self._artifact(e).model_dump()``, without building the model."""
+        return {"key": e.key, "mime_type": e.mime_type, "uri": self.content_uri(e.key),
+                "size": e.size, "created_at": e.created_at, "sha256": e.sha256}
+
     def _session_response(self, s: SessionRow) -> ArtifactUploadResponse:
         if s.origin == "mount":
             ws = self._writes.get(s.entry_id or 0)
@@ -299,8 +304,10 @@ class ArtifactStore(MountWrites):
                 self._cursors.clear()
             self._cursors[(prefix, start + len(rows))] = (self._generation, rows[-1].key)
         query = f"start_index={start}&limit={count}" + (f"&prefix={prefix}" if prefix else "")
-        return PaginatedResponse(
-            data=[self._artifact(e).model_dump() for e in rows], has_more=has_more,
+        # Plain dicts, built once: ArtifactResponse models dumped back to dicts and validated
+        # again by PaginatedResponse cost 5 ms of a 1000-row page (bench_store.py, section 3).
+        return PaginatedResponse.model_construct(
+            data=[self._artifact_dict(e) for e in rows], has_more=has_more,
             url=f"{self.uri_base}/v1/artifacts?{query}",
         )
 
