@@ -327,10 +327,7 @@ class Operations(pyfuse3.Operations):
             async with h.lock:
                 if h.ws is None:
                     h.ws = await self.store.open_write(h.entry_id, truncate=False)
-        ws = h.ws
-        n = os.pwrite(ws.fd, buf, off)
-        ws.wrote()
-        return n
+        return self.store.write(h.ws, buf, off)
 
     @translated
     async def flush(self, fh: int) -> None:

@@ -42,9 +42,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
 async def _artifact_error(request: Request, exc: ArtifactError) -> Response:
     status = exc.http_status
-    if status >= 500:
+    if status == 500:
         log.error("%s %s failed: %s", request.method, request.url.path, exc,
                   exc_info=exc)
+    elif status > 500:
+        # 507 (a full disk), 503: the user's to fix, and the message says how; no traceback.
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
     body: dict[str, Any] = {"detail": str(exc)}
     headers: dict[str, str] = {}
     if isinstance(exc, Conflict) and exc.offset is not None:

@@ -25,9 +25,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import StoreLocked, from_os_error
+from ..errors import NoSpace, StoreLocked, from_os_error
 
 HASH_CHUNK = 1 << 20
+# Artifact bytes stop this far short of a full file system (1% of it, 1 to 64 MiB), so the
+# metadata always has room to change: a delete, the very thing that frees space, must never
+# fail for want of it, nor a commit or the shutdown that follows a full disk.
+RESERVE_MIN, RESERVE_MAX = 1 << 20, 64 << 20
 
 
 class DataDir:
@@ -39,6 +43,7 @@ class DataDir:
         self.staging = root / "staging"
         self.db_path = root / "meta.db"
         self._lock_fd: int | None = None
+        self.reserve = RESERVE_MIN
         # The commit path names files as plain strings: pathlib costs more than the syscall.
         self._blobs_s = str(self.blobs)
         self._staging_s = str(self.staging)
@@ -63,11 +68,23 @@ class DataDir:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+        st = os.statvfs(self.root)
+        self.reserve = min(RESERVE_MAX, max(RESERVE_MIN, st.f_blocks * st.f_frsize // 100))
 
     def release(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing drops the flock
             self._lock_fd = None
+
+    def check_space(self, nbytes: int, what: str) -> None:
+        """Raise NoSpace unless ``nbytes`` more fit and leave the reserve free."""
+        st = os.statvfs(self.root)
+        free = st.f_bavail * st.f_frsize
+        if free - nbytes < self.reserve:
+            raise NoSpace(
+                f"no space left for {what}: {free >> 20} MiB free on the file system of"
+                f" {self.root}, {self.reserve >> 20} MiB of it kept for the metadata;"
+                " delete artifacts or free space there")
 
     # --- names -----------------------------------------------------------------------------
 

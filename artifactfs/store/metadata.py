@@ -13,9 +13,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import sqlite_utils
 
+from ..errors import NoSpace
 from .schema import ROOT_ID, create_schema
 
 ENTRY_COLUMNS = (
@@ -80,6 +82,33 @@ class SessionRow:
     expires_at: int | None
 
 
+class _Connection(sqlite3.Connection):
+    """A full disk is NoSpace (ENOSPC / 507 in the error table), not an unexpected failure:
+    the user frees space and retries. The blob reserve (blobs.py) makes it rare: it happens
+    when something else fills the file system."""
+
+    def execute(self, *args: Any) -> sqlite3.Cursor:  # type: ignore[override]
+        try:
+            return super().execute(*args)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                raise _no_space(exc) from exc
+            raise
+
+    def executemany(self, *args: Any) -> sqlite3.Cursor:  # type: ignore[override]
+        try:
+            return super().executemany(*args)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                raise _no_space(exc) from exc
+            raise
+
+
+def _no_space(exc: sqlite3.OperationalError) -> NoSpace:
+    return NoSpace(f"no space left for the metadata database ({exc}); free space on its"
+                   " file system")
+
+
 class Metadata:
     """The metadata database: one connection, used only from the trio thread."""
 
@@ -87,7 +116,8 @@ class Metadata:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves so a transaction's extent is
         # visible in the code (see transaction()).
         self.path = path
-        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                    factory=_Connection)
         # A second connection used only by checkpoint(), in a worker thread (opened lazily).
         self._checkpointer: sqlite3.Connection | None = None
         self.db = sqlite_utils.Database(self.conn)

@@ -17,6 +17,7 @@ import errno
 import hashlib
 import os
 import secrets
+import sqlite3
 import time
 from collections.abc import AsyncIterable, Iterable
 from typing import Any, BinaryIO
@@ -87,12 +88,19 @@ class ArtifactStore(MountWrites):
             raise
 
     def close(self) -> None:
-        for ws in list(self._writes.values()):
-            self._discard_write(ws)
-        self.flush()
-        (self.data.root / "clean").touch()
-        self.meta.close()
-        self.data.release()
+        try:
+            for ws in list(self._writes.values()):
+                self._discard_write(ws)
+            self.flush()
+            (self.data.root / "clean").touch()
+        except (OSError, sqlite3.Error, ArtifactError) as exc:
+            # A full or failing disk: leave no clean marker, so the next start recovers in
+            # full; the lock must still go, or no one could open the store again.
+            log.error("could not shut the store down cleanly (%s); the next start recovers"
+                      " it", exc)
+        finally:
+            self.meta.close()
+            self.data.release()
 
     async def commit_complete_sessions(self) -> None:
         """Finish uploads whose last byte arrived but whose commit a crash interrupted.
@@ -255,13 +263,15 @@ class ArtifactStore(MountWrites):
             self.meta.set_session_offset(s.id, pos)
         return pos, None
 
-    @staticmethod
-    def _append(fd: int, s: SessionRow, pos: int, chunk: bytes) -> int:
+    def _append(self, fd: int, s: SessionRow, pos: int, chunk: bytes) -> int:
         assert s.size is not None
         if pos + len(chunk) > s.size:
             raise InvalidArgument(
                 f"body exceeds the session's declared size {s.size}"
                 f" ({s.size - s.offset} bytes remained at offset {s.offset})")
+        # A full disk is 507 and the bytes that arrived stay: the client resumes once there
+        # is room (get_upload_session_info tells it where).
+        self.data.check_space(len(chunk), f"upload session {s.id}")
         view = memoryview(chunk)
         while view:
             n = os.pwrite(fd, view, pos)

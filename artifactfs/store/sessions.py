@@ -30,6 +30,9 @@ class WriteSession:
     # Set when the commit (or abort) after the last release has finished.
     closed: trio.Event = field(default_factory=trio.Event)
     committing: bool = False
+    # A write failed for want of space: the file lacks bytes its writer was told are lost,
+    # so it must not commit (DESIGN §5: nothing half-committed); close reports ENOSPC.
+    nospace: bool = False
     failed: BaseException | None = None
 
     def size(self) -> int:

@@ -15,11 +15,19 @@ import time
 
 import trio
 
-from ..errors import ArtifactError, Conflict, InvalidArgument, NotFound, from_os_error
+from ..errors import (
+    ArtifactError,
+    Conflict,
+    InvalidArgument,
+    NoSpace,
+    NotFound,
+    from_os_error,
+)
 from ..models import mime_type_for_name, validate_size
+from .blobs import is_no_space
 from .metadata import Entry, SessionRow
 from .sessions import WriteSession
-from .state import INLINE_IO_BYTES, log
+from .state import INLINE_IO_BYTES, Change, log
 from .tree import TreeOperations
 
 
@@ -118,6 +126,7 @@ class MountWrites(TreeOperations):
                 offset=0, mime_type=e.mime_type or mime_type_for_name(e.name),
                 created_at=int(time.time()), expires_at=None))
             if e.blob_id and not truncate:
+                self.data.check_space(e.size, f"rewriting {e.key}")
                 if e.size <= INLINE_IO_BYTES:
                     self.data.copy_blob_to_staging(e.blob_id, session_id)
                 else:
@@ -132,6 +141,24 @@ class MountWrites(TreeOperations):
         ws.ready.set()
         return ws
 
+    def write(self, ws: WriteSession, buf: bytes, offset: int) -> int:
+        """Write into a file open for writing; a full disk fails the write and the file."""
+        try:
+            self.data.check_space(len(buf), f"writing {self._key_of(ws)}")
+            n = os.pwrite(ws.fd, buf, offset)
+        except (NoSpace, OSError) as exc:
+            if isinstance(exc, NoSpace) or is_no_space(exc):
+                ws.nospace = True
+            if isinstance(exc, OSError):
+                raise from_os_error(exc, f"writing {self._key_of(ws)}") from exc
+            raise
+        ws.wrote()
+        return n
+
+    def _key_of(self, ws: WriteSession) -> str:
+        e = self.meta.entry(ws.entry_id)
+        return e.key if e is not None else f"entry {ws.entry_id}"
+
     async def sync_write(self, ws: WriteSession) -> None:
         """fsync: the bytes written so far are durable, and so will be the commit."""
         await trio.to_thread.run_sync(os.fsync, ws.fd)
@@ -145,6 +172,12 @@ class MountWrites(TreeOperations):
         ws.committing = True
         try:
             return await self._commit_write(ws)
+        except Exception:
+            # No writer is left to retry (the fd closes below): a session that failed to
+            # commit (a full disk, an I/O error) must not hold its bytes' space until restart.
+            with contextlib.suppress(Exception):
+                self._abandon_write(ws)
+            raise
         finally:
             if self._writes.get(ws.entry_id) is ws:
                 del self._writes[ws.entry_id]
@@ -156,6 +189,11 @@ class MountWrites(TreeOperations):
             # Unlinked while open: as on a disk, the bytes go with the last handle.
             self._drop_write_session(ws)
             return None
+        if ws.nospace:
+            key = self._key_of(ws)
+            self._abandon_write(ws)
+            raise NoSpace(f"{key} was not saved: a write to it failed for want of space;"
+                          " it keeps its previous content")
         sha, size = await self._digest(ws.fd)
         durable = ws.synced or self.sync
         blob_id = await self._publish(ws.id, durable)
@@ -187,6 +225,25 @@ class MountWrites(TreeOperations):
     def _drop_write_session(self, ws: WriteSession) -> None:
         self.meta.delete_session(ws.id)
         self.data.remove_staging(ws.id)
+
+    def _abandon_write(self, ws: WriteSession) -> None:
+        """A write session that cannot commit: its bytes go (freeing their space) and a file
+        that was never committed goes with them; a committed one keeps its artifact."""
+        self.data.remove_staging(ws.id)
+        with self.meta.transaction():
+            self.meta.delete_session(ws.id)
+            e = self.meta.entry(ws.entry_id)
+            gone = e is not None and e.is_file and e.blob_id is None
+            if gone:
+                self.meta.delete_entry(e.id)
+        # Not changes the kernel made: it still holds the name, or pages of the bytes that
+        # were not kept, and must drop them.
+        if gone:
+            assert e is not None
+            self._changed_keys()
+            self._notify(Change("removed", e.id, e.parent_id, e.name))
+        elif e is not None and e.is_artifact:
+            self._notify(Change("content", e.id, e.parent_id, e.name))
 
     def _discard_write(self, ws: WriteSession) -> None:
         """Forget a write session without committing (failed open, or shutdown)."""
