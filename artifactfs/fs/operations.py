@@ -36,7 +36,7 @@ from dataclasses import replace
 import pyfuse3
 import trio
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, NotFound
 from ..models import MAX_COMPONENT_BYTES
 from ..store import ArtifactStore, Change, Entry
 from .attributes import entry_attributes
@@ -129,7 +129,7 @@ class Operations(pyfuse3.Operations):
         e = h.entry if fd is None else replace(h.entry, size=os.fstat(fd).st_size)
         return entry_attributes(e, inode=inode, nlink=0)
 
-    def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         # Inode numbers are derived from entry ids, not allocated: nothing to count or free.
         return None
 
@@ -288,7 +288,14 @@ class Operations(pyfuse3.Operations):
         # An older version's inode (its name was replaced by another face and the kernel has
         # not yet dropped the name): ESTALE makes the kernel look the name up again and open
         # the new inode, never the new bytes under the old size.
-        e = self._current_entry(inode)
+        try:
+            e = self._current_entry(inode)
+        except NotFound:
+            # The name was looked up, then replaced (rename over it) or removed before this
+            # open: on a disk the open would still get the inode the path named. ESTALE makes
+            # the kernel walk the path again, so it opens what the name holds now (or finds
+            # nothing there): a reader never sees ENOENT for a name that always existed.
+            raise ArtifactError(f"inode {inode:#x} is gone", errno=errno.ESTALE) from None
         if flags & os.O_ACCMODE == os.O_RDONLY:
             fd = self.store.open_read(e.id)
             h = FileHandle(inode=inode, entry_id=e.id, entry=e, fd=fd)
