@@ -277,3 +277,16 @@ def test_open_for_writing_without_writing_commits_nothing(workdir: Path, mount: 
         f.write(b"W")
     assert commits() == 2
     assert p.read_bytes() == b"q" * 5 + b"W" + b"q" * 99_994
+
+
+def test_rename_while_open_for_writing_commits_under_the_new_name(
+        workdir: Path, mount: Mount) -> None:
+    (workdir / "a").mkdir()
+    with open(workdir / "a" / "f.bin", "wb") as f:
+        f.write(b"first half ")
+        os.rename(workdir / "a", workdir / "b")  # the whole directory moves
+        os.rename(workdir / "b" / "f.bin", workdir / "b" / "g.bin")  # and the file itself
+        f.write(b"second half")
+    assert (workdir / "b" / "g.bin").read_bytes() == b"first half second half"
+    assert mount.get(f"{workdir.name}/b/g.bin").json()["size"] == 22
+    assert mount.get(f"{workdir.name}/a/f.bin").status_code == 404
