@@ -121,6 +121,9 @@ def markdown(result: dict) -> str:
         lines.extend(f"- {n}" for n in notes)
     lines.append("")
     lines.append(f"Raw numbers: `{result['json_rel']}`; chart: `{result['png_rel']}`.")
+    if result["png_rel"].startswith("docs/"):
+        lines.append("")
+        lines.append(f"![{meta['profile']} run]({result['png_rel'][len('docs/'):]})")
     return "\n".join(lines)
 
 
