@@ -149,18 +149,23 @@ class Operations(pyfuse3.Operations):
 
     async def _setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                        fields: pyfuse3.SetattrFields) -> pyfuse3.EntryAttributes:
-        entry_id = self._current_entry(inode).id
+        if not self.inodes.is_current(inode):
+            raise ArtifactError(f"inode {inode:#x} is an older version", errno=errno.ESTALE)
+        entry_id = self.inodes.entry_id(inode)
+        e: Entry | None = None
         if fields.update_size:
-            await self.store.truncate(entry_id, attr.st_size)
+            e = await self.store.truncate(entry_id, attr.st_size)
         if fields.update_mode or fields.update_uid or fields.update_gid or fields.update_mtime:
-            self.store.set_attrs(
+            # One of these arrives before every written file closes (the writeback cache's
+            # mtime): each query saved here counts (PLATFORM.md: ~50 us per request).
+            e = self.store.set_attrs(
                 entry_id,
                 mode=attr.st_mode if fields.update_mode else None,
                 uid=attr.st_uid if fields.update_uid else None,
                 gid=attr.st_gid if fields.update_gid else None,
                 mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             )
-        return self._attrs(self.store.entry(entry_id))
+        return self._attrs(e if e is not None else self.store.entry(entry_id))
 
     # --- directories -----------------------------------------------------------------------
 
