@@ -29,6 +29,8 @@ import hashlib
 import itertools
 import os
 import random
+import re
+import shutil
 import signal
 import sys
 import threading
@@ -40,7 +42,8 @@ import httpx
 import pytest
 import trio
 from conftest import SCALE
-from mountutil import cannot_mount, check_can_mount, start_daemon, unmount
+from mountutil import cannot_mount, check_can_mount, mounted, start_daemon, unmount
+from test_security import traced
 
 from artifactfs.store import ArtifactStore
 from artifactfs.store.metadata import Metadata
@@ -418,3 +421,37 @@ async def test_sigkill_under_load_loses_nothing_committed(tmp_path: Path) -> Non
     assert stats["cut"] >= ROUNDS // 2, stats
     assert stats["held"] >= 1 and stats["resumed"] >= ROUNDS // 2, stats
     print(f"{ROUNDS} kills in {time.monotonic() - started:.0f} s: {stats}")
+
+
+def test_fsync_then_close_is_on_disk_when_close_returns(tmp_path: Path) -> None:
+    """A power loss cannot be simulated here, so watch the syscalls (strace): between the
+    writer's fsync and the moment its close returns, the daemon fsyncs the bytes, the blob's
+    directory and the metadata's WAL. Without fsync, close does not wait for the disk."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")  # test_security.py fails in CI without it
+    with mounted(tmp_path) as m:
+        (m.path / "marker.bin").write_bytes(b"m")
+        trace = tmp_path / "strace.out"
+        with traced(m.proc.pid, trace, "trace=fsync,fdatasync,openat"):
+            with open(m.path / "durable.bin", "wb") as f:
+                f.write(os.urandom(300_000))
+                f.flush()
+                os.fsync(f.fileno())
+            # A syscall of ours the daemon answers with an openat we can find: after close.
+            (m.path / "marker.bin").read_bytes()
+        lines = trace.read_text(errors="replace").splitlines()
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(m.data_dir / "meta.db")) as db:
+            (blob_id,) = db.execute(
+                "SELECT blob_id FROM entries WHERE key = 'marker.bin'").fetchone()
+    marker = next(i for i, line in enumerate(lines) if "openat" in line and blob_id in line)
+
+    def before(pattern: str) -> bool:
+        return any(re.search(pattern, line) for line in lines[:marker])
+
+    assert before(r"fsync\(\d+</[^>]*/staging/"), "the writer's fsync did not reach the bytes"
+    assert before(r"fsync\(\d+</[^>]*/blobs/[0-9a-f]{2}/[0-9a-f]+>"), "the blob was not synced"
+    assert before(r"fsync\(\d+</[^>]*/blobs/[0-9a-f]{2}>"), "the blob's directory was not"
+    assert before(r"f(data)?sync\(\d+</[^>]*meta\.db(-wal)?>"), (
+        "close returned before the commit's metadata was on disk:\n" + "\n".join(lines[:marker]))

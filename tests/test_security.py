@@ -167,10 +167,10 @@ RAW_PATHS = [
 
 
 @contextlib.contextmanager
-def traced(pid: int, out: Path) -> Iterator[None]:
+def traced(pid: int, out: Path, syscalls: str = "trace=%file,%desc") -> Iterator[None]:
     """strace every thread of ``pid`` (file syscalls, fds shown as paths) for the block."""
     tids = [f"-p{t}" for t in os.listdir(f"/proc/{pid}/task")]
-    tracer = subprocess.Popen(["strace", "-f", "-qq", "-y", "-e", "trace=%file,%desc",
+    tracer = subprocess.Popen(["strace", "-f", "-qq", "-y", "-e", syscalls,
                                "-e", "signal=none", "-o", os.fspath(out), *tids],
                               stderr=subprocess.PIPE)
     try:
