@@ -221,3 +221,15 @@ async def test_a_client_that_goes_away_keeps_what_arrived(store_dir: Path) -> No
 @pytest.fixture
 def store_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+async def test_uploads_past_the_inline_size_hash_right(tmp_path: Path, chunks: int) -> None:
+    """Small sessions are hashed as the bytes go by; bigger ones from the staging file in a
+    worker thread at commit. Both must give the content's digest."""
+    content = os.urandom((4 << 20) + 12345)
+    async with open_store(tmp_path / "d") as store:
+        art = await put(store, "big", content, chunks=chunks)
+        assert art.sha256 == sha(content) and art.size == len(content)
+        assert read(store, "big") == content
+        check_invariants(store)
