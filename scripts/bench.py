@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 FULL = dataset.Sizes(big_mib=1024, flat=100_000, tree=100_000, tree_dirs=1000, small=10_000,
                      mem=1_000_000)
-QUICK = dataset.Sizes(big_mib=256, flat=10_000, tree=10_000, tree_dirs=100, small=2_000,
+QUICK = dataset.Sizes(big_mib=128, flat=10_000, tree=10_000, tree_dirs=100, small=2_000,
                       mem=20_000)
 
 
