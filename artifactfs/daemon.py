@@ -49,7 +49,14 @@ async def serve_only(args: argparse.Namespace) -> None:
 
     host, port = parse_addr(args.http)
     async with open_store(args.data, sync=args.sync) as store:
-        await serve_http(store, host, port, token=args.token)
+        # SIGTERM (systemd, kill) stops as SIGINT does: the store closes cleanly (flushed,
+        # marked clean) instead of dying as in a crash.
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(partial(serve_http, store, host, port, token=args.token))
+                nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
+        except BaseExceptionGroup as group:
+            raise _innermost(group) from None
 
 
 # --- mount -------------------------------------------------------------------------------
