@@ -32,6 +32,7 @@ import random
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -42,6 +43,7 @@ import httpx
 import pytest
 import trio
 from conftest import SCALE
+from httputil import free_port
 from mountutil import cannot_mount, check_can_mount, mounted, start_daemon, unmount
 from test_security import traced
 
@@ -455,3 +457,34 @@ def test_fsync_then_close_is_on_disk_when_close_returns(tmp_path: Path) -> None:
     assert before(r"fsync\(\d+</[^>]*/blobs/[0-9a-f]{2}>"), "the blob's directory was not"
     assert before(r"f(data)?sync\(\d+</[^>]*meta\.db(-wal)?>"), (
         "close returned before the commit's metadata was on disk:\n" + "\n".join(lines[:marker]))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_stops_cleanly_on_a_signal(tmp_path: Path, sig: signal.Signals) -> None:
+    """`kill` (or systemd stopping it) is not a crash: the store flushes and closes."""
+    port = free_port()
+    data = tmp_path / "data"
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("artifactfs")), "serve", "--http",
+         f"127.0.0.1:{port}", "--data", str(data)],
+        stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/v1/artifacts", timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and proc.poll() is None, "serve did not start"
+                time.sleep(0.05)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
+            s = c.post("/v1/artifacts", json={"key": "k", "mime_type": "a/b", "size": 2}).json()
+            assert c.post(s["uri"], content=b"ab").status_code == 200
+        proc.send_signal(sig)
+        assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (data / "clean").exists(), "stopped like a crash: no clean marker"
+    fsck_clean(data)
