@@ -42,7 +42,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-from conftest import SCALE
+from conftest import IN_CI, SCALE
 from httputil import free_port
 from mountutil import cannot_mount, check_can_mount, mounted, start_daemon, unmount
 from test_security import traced
@@ -430,7 +430,9 @@ def test_fsync_then_close_is_on_disk_when_close_returns(tmp_path: Path) -> None:
     writer's fsync and the moment its close returns, the daemon fsyncs the bytes, the blob's
     directory and the metadata's WAL. Without fsync, close does not wait for the disk."""
     if shutil.which("strace") is None:
-        pytest.skip("strace is not installed")  # test_security.py fails in CI without it
+        if IN_CI:
+            pytest.fail("strace is needed (apt-get install strace)")
+        pytest.skip("strace is not installed")
     with mounted(tmp_path) as m:
         (m.path / "marker.bin").write_bytes(b"m")
         trace = tmp_path / "strace.out"
