@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import dataset, report
-from benchlib.filesystems import PEERS, ArtifactFS, FileSystem, snapshot
+from benchlib.filesystems import PEERS, ArtifactFS, FileSystem, is_mounted, snapshot
 from benchlib.system import can_drop_caches
 from benchlib.workloads import GROUPS, WORKLOADS, Run, profiling
 
@@ -88,6 +88,10 @@ def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     profile = "quick" if args.quick else "full"
@@ -124,7 +128,7 @@ def main(argv: list[str]) -> int:
                      " (needs root outside a restricted container)")
 
     # SIGTERM (or a CI time-out) must still unmount: turn it into KeyboardInterrupt.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, interrupted)
 
     if args.afs_rev:
         ArtifactFS.src, ArtifactFS.rev = snapshot(args.afs_rev, work)
@@ -187,7 +191,7 @@ def main(argv: list[str]) -> int:
     elif "memory" in groups:
         notes.append("memory workload skipped: artifactfs did not mount")
 
-    left = [str(fs.mnt) for fs in fses if fs.fuse and os.path.ismount(fs.mnt)]
+    left = [str(fs.mnt) for fs in fses if fs.fuse and is_mounted(fs.mnt)]
     if left:
         notes.append(f"mounts left behind: {left}")
     out_dir = REPO / "docs" / "bench" if to_docs else REPO / "bench-results"

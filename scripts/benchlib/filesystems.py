@@ -18,10 +18,21 @@ from .system import settle
 REPO = Path(__file__).resolve().parents[2]
 
 
+def is_mounted(mnt: Path) -> bool:
+    """From the mount table: os.path.ismount says False for a dead FUSE mount (ENOTCONN)."""
+    target = os.path.realpath(mnt)
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            point = line.split(" ")[4].replace("\\040", " ").replace("\\011", "\t")
+            if point == target:
+                return True
+    return False
+
+
 def fuse_unmount(mnt: Path) -> None:
     """fusermount3 -u, retried while busy, then -z (lazy) as the last resort."""
     for _ in range(20):
-        if not os.path.ismount(mnt):
+        if not is_mounted(mnt):
             return
         r = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
         if r.returncode == 0:
@@ -78,7 +89,7 @@ class FileSystem:
         return None
 
     def start(self) -> None:
-        if os.path.ismount(self.mnt):  # left by an earlier run of ours that was killed
+        if is_mounted(self.mnt):  # left by an earlier run of ours that was killed
             fuse_unmount(self.mnt)
         self.mnt.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +124,7 @@ class FileSystem:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
-        if os.path.ismount(self.mnt):
+        if is_mounted(self.mnt):
             fuse_unmount(self.mnt)
 
 
