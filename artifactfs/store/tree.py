@@ -89,11 +89,24 @@ class TreeOperations(StoreState):
             raise Conflict(f"{key} already exists", errno=errno.EEXIST)
         return parent, key
 
+    @staticmethod
+    def _inherited(parent: Entry, kind: str, mode: int, gid: int) -> tuple[int, int]:
+        """The mode and group of a new entry under ``parent``: in a set-group-ID directory it
+        takes the directory's group, and a new directory keeps the bit, as on a Linux disk
+        (the kernel leaves this to the file system; shared project directories rely on it)."""
+        mode &= 0o7777
+        if parent.mode & stat_mod.S_ISGID:
+            gid = parent.gid
+            if kind == "dir":
+                mode |= stat_mod.S_ISGID
+        return mode, gid
+
     def mkdir(self, parent_id: int, name: str, mode: int, uid: int, gid: int) -> Entry:
         with self.meta.transaction():
-            _, key = self._new_name(parent_id, name)
+            parent, key = self._new_name(parent_id, name)
+            mode, gid = self._inherited(parent, "dir", mode, gid)
             new_id = self.meta.insert_entry(
-                parent_id=parent_id, name=name, key=key, kind="dir", mode=mode & 0o7777,
+                parent_id=parent_id, name=name, key=key, kind="dir", mode=mode,
                 uid=uid, gid=gid, now_ns=time.time_ns())
         self._changed_keys()
         return self.entry(new_id)
@@ -104,7 +117,8 @@ class TreeOperations(StoreState):
                 f"symlink target must be 1 to {MAX_SYMLINK_TARGET} bytes",
                 errno=errno.ENAMETOOLONG if target else errno.ENOENT)
         with self.meta.transaction():
-            _, key = self._new_name(parent_id, name)
+            parent, key = self._new_name(parent_id, name)
+            _, gid = self._inherited(parent, "symlink", 0o777, gid)
             new_id = self.meta.insert_entry(
                 parent_id=parent_id, name=name, key=key, kind="symlink", mode=0o777,
                 uid=uid, gid=gid, now_ns=time.time_ns(), target=target)

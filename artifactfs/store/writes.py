@@ -72,9 +72,10 @@ class MountWrites(TreeOperations):
         self.data.create_staging(session_id)
         try:
             with self.meta.transaction():
-                _, key = self._new_name(parent_id, name)
+                parent, key = self._new_name(parent_id, name)
+                mode, gid = self._inherited(parent, "file", mode, gid)
                 entry_id = self.meta.insert_entry(
-                    parent_id=parent_id, name=name, key=key, kind="file", mode=mode & 0o7777,
+                    parent_id=parent_id, name=name, key=key, kind="file", mode=mode,
                     uid=uid, gid=gid, now_ns=time.time_ns())
                 self.meta.insert_session(SessionRow(
                     id=session_id, origin="mount", key=key, entry_id=entry_id, size=None,
