@@ -100,12 +100,3 @@ def proc_status(pid: int) -> dict[str, str]:
 def mem_kib(pid: int, field: str) -> int | None:
     v = proc_status(pid).get(field)
     return int(v.split()[0]) if v else None
-
-
-def reset_hwm(pid: int) -> bool:
-    """Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0)."""
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
