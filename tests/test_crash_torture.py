@@ -14,9 +14,10 @@ Each round:
 3. resume every HTTP upload session left unfinished (the session answers with an offset no
    smaller than what was acknowledged) and finish it;
 4. every few rounds, unmount cleanly and run fsck, which must find nothing, and start again;
-5. run writers through the mount (threads doing open/write/close,
-   fsync, rename, unlink, a file held open) and the HTTP face (single and chunked uploads,
-   replaces, deletes, bulk deletes, abandoned sessions), and SIGKILL it at a random moment.
+5. run writers through the mount (threads doing open/write/close, fsync, rename of files and
+   of whole directories, unlink, a file held open) and the HTTP face (single and chunked
+   uploads, replaces, deletes, bulk deletes, abandoned sessions), and SIGKILL it at a random
+   moment.
 
 Writers own disjoint keys, so each key's history is serial and the expected state is exact
 (the races between writers of one key are tests/test_races.py's).
@@ -84,6 +85,7 @@ class Writer:
     sessions: list[Pending] = field(default_factory=list)
     ops: int = 0
     held: int = 0  # files left open in the mount when the daemon died
+    dir_renames: int = 0
 
     def cut(self, change: dict[str, Content]) -> None:
         self.in_flight = {k: (self.state[k], v) for k, v in change.items()}
@@ -190,9 +192,13 @@ def mount_writer(w: Writer, mnt: Path, rng: random.Random, stop: threading.Event
             raise
         while not stop.is_set():
             w.ops += 1
-            op = rng.choice(["write", "write", "write", "fsync", "unlink", "rename", "hold"])
+            op = rng.choice(["write", "write", "write", "fsync", "unlink", "rename", "hold",
+                             "renamedir"])
             present = w.present()
             if op in ("unlink", "rename") and not present:
+                op = "write"
+            moves = _dir_moves(w)
+            if op == "renamedir" and not moves:
                 op = "write"
             if op == "hold" and rng.random() < 0.7:
                 op = "write"
@@ -202,6 +208,7 @@ def mount_writer(w: Writer, mnt: Path, rng: random.Random, stop: threading.Event
                 if op in ("write", "fsync"):
                     data = content(rng)
                     w.cut({key: data})
+                    path.parent.mkdir(exist_ok=True)
                     with open(path, "wb") as f:
                         for pos in range(0, len(data), 65536):
                             f.write(data[pos:pos + 65536])
@@ -218,13 +225,23 @@ def mount_writer(w: Writer, mnt: Path, rng: random.Random, stop: threading.Event
                     src = rng.choice(present)
                     dst = rng.choice([k for k in w.keys if k != src])
                     w.cut({src: None, dst: w.state[src]})
+                    (mnt / dst).parent.mkdir(exist_ok=True)
                     os.rename(mnt / src, mnt / dst)
                     w.state[dst], w.state[src] = w.state[src], None
+                elif op == "renamedir":
+                    # A directory with its files moves in one transaction: after a kill, all
+                    # of them are at the old names or all at the new.
+                    src, dst, change = rng.choice(moves)
+                    w.cut(change)
+                    os.rename(mnt / w.name / src, mnt / w.name / dst)
+                    w.state.update(change)
+                    w.dir_renames += 1
                 else:
                     # A file open for writing when the daemon dies: no one can finish it, so
                     # the key must keep its previous artifact.
                     w.in_flight = None
                     w.held += 1
+                    path.parent.mkdir(exist_ok=True)
                     f = open(path, "wb")  # noqa: SIM115
                     f.write(rng.randbytes(5000))
                     f.flush()
@@ -240,6 +257,20 @@ def mount_writer(w: Writer, mnt: Path, rng: random.Random, stop: threading.Event
     except BaseException:
         stop.set()  # a writer that failed stops the round (its error fails the test)
         raise
+
+
+def _dir_moves(w: Writer) -> list[tuple[str, str, dict[str, Content]]]:
+    """Renames of one of the writer's directories onto another that holds no file."""
+    moves = []
+    for src, dst in itertools.permutations("abc", 2):
+        inside = {k: v for k, v in w.state.items() if k.startswith(f"{w.name}/{src}/")}
+        target = [k for k, v in w.state.items()
+                  if k.startswith(f"{w.name}/{dst}/") and v is not None]
+        if any(v is not None for v in inside.values()) and not target:
+            change: dict[str, Content] = dict.fromkeys(inside)
+            change |= {k.replace(f"/{src}/", f"/{dst}/"): v for k, v in inside.items()}
+            moves.append((src, dst, change))
+    return moves
 
 
 # --- a round --------------------------------------------------------------------------------
@@ -358,7 +389,10 @@ async def test_sigkill_under_load_loses_nothing_committed(tmp_path: Path) -> Non
     writers = [Writer(f"h{i}", [], {}) for i in range(HTTP_WRITERS)]
     writers += [Writer(f"m{i}", [], {}) for i in range(MOUNT_WRITERS)]
     for w in writers:
-        w.keys = [f"{w.name}/k{j}.bin" for j in range(KEYS_PER_WRITER)]
+        if w.name.startswith("h"):
+            w.keys = [f"{w.name}/k{j}.bin" for j in range(KEYS_PER_WRITER)]
+        else:  # three directories, so that whole directories can be renamed
+            w.keys = [f"{w.name}/{d}/k{j}.bin" for d in "abc" for j in range(2)]
         w.state = dict.fromkeys(w.keys)
     stats = {"ops": 0, "cut": 0, "resumed": 0, "held": 0, "fsck": 0}
     started = time.monotonic()
@@ -418,10 +452,12 @@ async def test_sigkill_under_load_loses_nothing_committed(tmp_path: Path) -> Non
         unmount(mnt, None)
     stats["ops"] = sum(w.ops for w in writers)
     stats["held"] = sum(w.held for w in writers)
+    stats["dir_renames"] = sum(w.dir_renames for w in writers)
     # The kills must land amid real work, or the test proves nothing.
     assert stats["ops"] >= 10 * ROUNDS, stats
     assert stats["cut"] >= ROUNDS // 2, stats
     assert stats["held"] >= 1 and stats["resumed"] >= ROUNDS // 2, stats
+    assert stats["dir_renames"] >= ROUNDS // 3, f"too few directory renames: {stats}"
     print(f"{ROUNDS} kills in {time.monotonic() - started:.0f} s: {stats}")
 
 
