@@ -311,7 +311,10 @@ class Operations(pyfuse3.Operations):
         else:
             # The session (a copy of the artifact) starts at the first write: a file opened
             # read-write only to be read or mapped (np.memmap r+) costs no copy and no commit.
-            h = FileHandle(inode=inode, entry_id=e.id, entry=e, writable=True)
+            # The fd keeps the bytes it opened: if the file is unlinked or replaced before
+            # that first write, the handle writes on into them, as on a disk.
+            h = FileHandle(inode=inode, entry_id=e.id, entry=e, fd=self.store.open_read(e.id),
+                           writable=True)
         # keep_cache: a committed artifact never changes under its inode except through this
         # mount (the kernel saw it); another face's change gets a new inode (inodes.py).
         return pyfuse3.FileInfo(fh=self._add_handle(h), keep_cache=True)
@@ -338,7 +341,8 @@ class Operations(pyfuse3.Operations):
             # its commit at flush (a dup'd fd, a shared mapping).
             async with h.lock:
                 if h.ws is None:
-                    h.ws = await self.store.open_write(h.entry_id, truncate=False)
+                    h.ws = await self.store.open_write(h.entry_id, truncate=False,
+                                                       unlinked_from=h.fd)
         return self.store.write(h.ws, buf, off)
 
     @translated
@@ -375,10 +379,11 @@ class Operations(pyfuse3.Operations):
             ws, h.ws = h.ws, None
             if ws is None:
                 return
-            if h.fd is None:
-                # The staging file becomes the blob (a hard link), so this fd reads what
-                # the handle committed.
-                h.fd = os.dup(ws.fd)
+            # The staging file becomes the blob (a hard link), so this fd reads what the
+            # handle committed (an fd it had on the version before would read that).
+            old_fd, h.fd = h.fd, os.dup(ws.fd)
+            if old_fd is not None:
+                os.close(old_fd)
             committed = await self.store.release_write(ws)
         if committed is None:
             return

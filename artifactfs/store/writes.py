@@ -91,10 +91,14 @@ class MountWrites(TreeOperations):
         self._writes[entry_id] = ws
         return self.entry(entry_id), ws
 
-    async def open_write(self, entry_id: int, *, truncate: bool) -> WriteSession:
+    async def open_write(self, entry_id: int, *, truncate: bool,
+                         unlinked_from: int | None = None) -> WriteSession:
         """Open an existing file for writing: join its write session or start one.
 
-        Without truncate the session starts from a copy of the artifact's bytes.
+        Without truncate the session starts from a copy of the artifact's bytes. A handle
+        that opened the file before it was unlinked or replaced, and writes to it only now,
+        passes ``unlinked_from``, an fd on the bytes it has open (entry ids are never reused,
+        so a missing entry is that file).
         """
         while True:
             ws = self._writes.get(entry_id)
@@ -113,7 +117,9 @@ class MountWrites(TreeOperations):
             return ws
         e = self.meta.entry(entry_id)
         if e is None:
-            raise NotFound(f"no entry {entry_id}")
+            if unlinked_from is None:
+                raise NotFound(f"no entry {entry_id}")
+            return await self._open_unlinked_write(entry_id, unlinked_from)
         if not e.is_file:
             raise Conflict(f"{e.key} is a directory", errno=errno.EISDIR)
         session_id = secrets.token_urlsafe(18)
@@ -134,6 +140,40 @@ class MountWrites(TreeOperations):
                     blob_id = e.blob_id
                     await trio.to_thread.run_sync(
                         lambda: self.data.copy_blob_to_staging(blob_id, session_id))
+        except BaseException as exc:
+            ws.failed = exc if isinstance(exc, ArtifactError) else ArtifactError(str(exc))
+            self._discard_write(ws)
+            ws.ready.set()
+            raise
+        ws.ready.set()
+        return ws
+
+    async def _open_unlinked_write(self, entry_id: int, source_fd: int) -> WriteSession:
+        """As on a disk, a file unlinked (or replaced by rename) while open stays writable
+        through the handles that have it open, and goes when the last one closes. The session
+        starts from the bytes the handle has open; it has no row (no key to resume it under),
+        and the commit drops it, since its entry is gone."""
+        session_id = secrets.token_urlsafe(18)
+        self.data.create_staging(session_id)
+        fd = self.data.open_staging(session_id)
+        ws = WriteSession(id=session_id, entry_id=entry_id, fd=fd)
+        self._writes[entry_id] = ws
+        try:
+            size = os.fstat(source_fd).st_size
+            self.data.check_space(size, f"rewriting unlinked entry {entry_id}")
+
+            def copy() -> None:
+                done = 0
+                while done < size:
+                    n = os.copy_file_range(source_fd, fd, size - done, done, done)
+                    if n == 0:
+                        break
+                    done += n
+
+            if size <= INLINE_IO_BYTES:
+                copy()
+            else:
+                await trio.to_thread.run_sync(copy)
         except BaseException as exc:
             ws.failed = exc if isinstance(exc, ArtifactError) else ArtifactError(str(exc))
             self._discard_write(ws)
