@@ -60,8 +60,8 @@ NAMES = ("a", "b", "c.txt", "...")
 BAD_NAMES = ("with space", "colon:name", "star*", "\u00fc", "new\nline", "back\\slash")
 SIZES = (0, 1, 7, 4095, 4096, 4097, 70_000)
 OFFSETS = (0, 1, 3, 4095, 4096, 5000, 131_079)
-FILE_MODES = (0o644, 0o600, 0o755, 0o444, 0o000, 0o777)
-DIR_MODES = (0o755, 0o700, 0o777, 0o555)
+FILE_MODES = (0o644, 0o600, 0o755, 0o444, 0o000, 0o777, 0o4755, 0o2755)
+DIR_MODES = (0o755, 0o700, 0o777, 0o555, 0o1777, 0o2775)
 MAX_KEY = 1024
 WORKSPACE = "model"  # the state machine's directory in the mount (part of every key)
 
@@ -114,7 +114,8 @@ def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
                 out[p] = ("dir", oct(mode), st_.st_nlink, st_.st_uid, st_.st_gid)
                 walk(p)
             elif stat.S_ISLNK(st_.st_mode):
-                out[p] = ("symlink", os.readlink(root / p), st_.st_size)
+                out[p] = ("symlink", os.readlink(root / p), st_.st_size, oct(mode),
+                          st_.st_uid, st_.st_gid)
             elif stat.S_ISREG(st_.st_mode):
                 with open(root / p, "rb") as f:
                     data = f.read()
@@ -306,10 +307,12 @@ class MountModel(RuleBasedStateMachine):
 
         self.both(f"read {n} at {offset} of {p}", go)
 
-    @rule(data=st.data(), owner=st.sampled_from(((0, 0), (1234, 5678), (-1, 99))))
-    def chown(self, data: st.DataObject, owner: tuple[int, int]) -> None:
+    @rule(data=st.data(), owner=st.sampled_from(((0, 0), (1234, 5678), (-1, 99))),
+          follow=st.booleans())
+    def chown(self, data: st.DataObject, owner: tuple[int, int], follow: bool) -> None:
         p = self.pick(data, "path")
-        self.both(f"chown {owner} {p}", lambda root: os.chown(root / p, *owner))
+        self.both(f"chown {owner} {p} (follow={follow})",
+                  lambda root: os.chown(root / p, *owner, follow_symlinks=follow))
 
     @rule(data=st.data(), mtime_ns=st.sampled_from((0, 981_173_106_000_000_000,
                                                      1_234_567_890_123_456_789)))
@@ -340,6 +343,18 @@ class MountModel(RuleBasedStateMachine):
     def mkdir(self, data: st.DataObject, mode: int) -> None:
         p = self.pick(data, "path")
         self.both(f"mkdir {p} {mode:o}", lambda root: os.mkdir(root / p, mode))
+
+    @rule(data=st.data())
+    def shared_dir(self, data: st.DataObject) -> None:
+        """A set-group-ID directory of another group: what is created in it takes its group."""
+        p = self.pick(data, "path")
+
+        def go(root: Path) -> None:
+            os.mkdir(root / p)
+            os.chown(root / p, -1, 5678)
+            os.chmod(root / p, 0o2775)
+
+        self.both(f"mkdir {p}, chgrp 5678, chmod 2775", go)
 
     @rule(data=st.data())
     def rmdir(self, data: st.DataObject) -> None:
@@ -413,6 +428,24 @@ class MountModel(RuleBasedStateMachine):
                             lambda root: os.rename(root / src, root / p), errno.EINVAL)
         # A name no key can hold is simply absent.
         self.mount_only(f"stat {p!r}", lambda root: os.lstat(root / p), errno.ENOENT)
+
+    @rule(data=st.data(), what=st.sampled_from(("link", "fifo", "device")))
+    def unsupported_node(self, data: st.DataObject, what: str) -> None:
+        """Hard links, FIFOs and device nodes: EPERM at once (DESIGN §3); the disk takes them."""
+        d = self.pick_dir(data)
+        p = f"{d}/special" if d else "special"
+        if what == "link":
+            files = sorted(q for q, k in self.paths().items() if k == "file")
+            if not files:
+                return
+            src = data.draw(st.sampled_from(files), label="linked")
+            self.mount_only(f"link {src} {p}", lambda root: os.link(root / src, root / p),
+                            errno.EPERM)
+        elif what == "fifo":
+            self.mount_only(f"mkfifo {p}", lambda root: os.mkfifo(root / p), errno.EPERM)
+        else:
+            self.mount_only(f"mknod {p}", lambda root: os.mknod(
+                root / p, 0o600 | stat.S_IFCHR, os.makedev(1, 3)), errno.EPERM)
 
     @rule(data=st.data())
     def long_component(self, data: st.DataObject) -> None:
@@ -606,3 +639,34 @@ def test_mount_behaves_like_local_disk(mount: Mount, tmp_path: Path) -> None:
         settings=settings(max_examples=15 * SCALE, stateful_step_count=30,
                           phases=[p for p in Phase if not (IN_CI and p == Phase.shrink)]),
     )
+
+
+# --- what the state machine found, pinned down -------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["unlink", "rename_over"])
+@pytest.mark.parametrize("reader", [False, True])
+def test_writer_that_had_not_written_keeps_its_unlinked_file(
+        mount: Mount, tmp_path: Path, how: str, reader: bool) -> None:
+    """Opened for writing (no O_TRUNC), unlinked or replaced, then written: as on a disk the
+    handle writes into the file it has open, and every close succeeds (they answered EIO)."""
+    results = []
+    for root in (mount.path / f"unlinked_{how}_{reader}", tmp_path):
+        root.mkdir(exist_ok=True)
+        (root / "f").write_bytes(b"f" * 4097)
+        (root / "new").write_bytes(b"new")
+        r = os.open(root / "f", os.O_RDONLY) if reader else None
+        w = os.open(root / "f", os.O_RDWR)
+        if how == "unlink":
+            os.unlink(root / "f")
+        else:
+            os.rename(root / "new", root / "f")
+        os.pwrite(w, b"X", 4095)
+        seen = (os.pread(w, 3, 4094), os.fstat(w).st_size, os.fstat(w).st_nlink)
+        if r is not None:
+            seen += (os.pread(r, 3, 4094),)
+            os.close(r)
+        os.close(w)
+        results.append((seen, sorted(os.listdir(root)),
+                        [(root / n).read_bytes() for n in sorted(os.listdir(root))]))
+    assert results[0] == results[1]
