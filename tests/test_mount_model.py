@@ -1,28 +1,33 @@
 """Layer 6, a real mount, property-based: the mount against the local disk, step by step.
 
-A hypothesis state machine applies random operations (create, write at an offset, truncate,
-append, rename of files and directories, unlink, mkdir, rmdir, chmod, symlink, reads) to a
-directory in the mount and to a directory on the local disk. After every step both must have
-answered alike (the same result, or the same errno) and both trees must be equal: names, kinds,
-sizes, contents, mode bits, link counts and symlink targets. The HTTP face must list every file
-of the tree as a committed artifact with the same size and sha256, since every rule opens and
-closes its files (close commits, docs/SEMANTICS.md).
+A hypothesis state machine applies random operations to a directory in the mount and to a
+directory on the local disk (the reference model): create (O_TRUNC or O_EXCL), write at an
+offset (holes included), append, truncate/ftruncate, read at an offset, rename of files,
+symlinks and whole directories (over files, over empty and non-empty directories, into another
+directory, RENAME_NOREPLACE), unlink, mkdir, rmdir, chmod (set-ID bits included), chown/lchown,
+utime, symlink/readlink, listdir. Every operation opens and closes what it uses, so each step
+ends with committed artifacts. After every step:
 
-The reference is the local disk, plus the differences docs/SEMANTICS.md promises, written out
-here where they apply:
+- both faces answered alike: the same result, or the same errno;
+- both trees are equal: names, kinds, sizes, contents, mode bits, owners, link counts, symlink
+  targets (a directory's ``st_size`` and all times are the file system's business: not compared,
+  except a time ``utime`` just set);
+- the HTTP face lists every closed file of the tree as an artifact with its size and sha256.
 
-- Names outside ``[A-Za-z0-9_.-]`` fail with EINVAL and keys over 1024 bytes with
-  ENAMETOOLONG in the mount only (the disk takes them): those rules run against the mount alone
-  and check that nothing changed.
-- A directory's ``st_size`` is the file system's business (0 in the mount, a block on ext4);
-  it is not compared. Times are not compared.
+One file may be held open for writing and one for reading across steps (``hold_open``,
+``hold_reader``) while the other rules read, rewrite, rename, unlink or replace them: what the
+descriptors read and fstat must match the disk's too. It all runs in one thread, so a sequence
+is deterministic.
 
-One rule keeps a file open for writing across steps (``hold_open``) while the other rules read
-it, rename it, unlink it or replace it: everything runs in this one thread, so the sequence is
-deterministic.
+What the mount refuses on purpose (docs/SEMANTICS.md) runs against the mount alone, which must
+answer the documented errno and change nothing: names outside ``[A-Za-z0-9_.-]`` (EINVAL), keys
+over 1024 bytes, also by moving a directory deeper (ENAMETOOLONG; 1024 itself works on both),
+hard links, FIFOs and device nodes (EPERM). A 256-byte component is ENAMETOOLONG on both.
 
-One mount serves the whole run; each example starts from empty trees (both are wiped through
-their own file system). CI: ``max_examples`` 15 * SCALE, 30 steps each.
+One mount serves the run; each example starts from empty trees (both wiped through their own
+file system). CI keeps hypothesis's fixed seed, 15 * SCALE examples of 30 steps, and skips
+shrinking (it can take minutes): the failing sequence is printed as it ran, with a blob to
+replay and shrink it locally with ``@reproduce_failure``.
 """
 
 from __future__ import annotations
