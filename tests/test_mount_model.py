@@ -103,7 +103,8 @@ def attempt(fn: Callable[[], Any]) -> Outcome:
 def look(fd: int, n: int, offset: int) -> tuple[Any, ...]:
     """What a descriptor held across steps reads, and its fstat."""
     st_ = os.fstat(fd)
-    return (attempt(lambda: os.pread(fd, n, offset)), st_.st_size, st_.st_nlink)
+    size = None if stat.S_ISDIR(st_.st_mode) else st_.st_size  # a directory's: not compared
+    return (attempt(lambda: os.pread(fd, n, offset)), size, st_.st_nlink)
 
 
 def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
@@ -434,9 +435,10 @@ class MountModel(RuleBasedStateMachine):
         # A name no key can hold is simply absent.
         self.mount_only(f"stat {p!r}", lambda root: os.lstat(root / p), errno.ENOENT)
 
-    @rule(data=st.data(), what=st.sampled_from(("link", "fifo", "device")))
-    def unsupported_node(self, data: st.DataObject, what: str) -> None:
-        """Hard links, FIFOs and device nodes: EPERM at once (DESIGN §3); the disk takes them."""
+    @rule(data=st.data(), what=st.sampled_from(("link", "fifo", "device", "file")))
+    def mknod_and_link(self, data: st.DataObject, what: str) -> None:
+        """Hard links, FIFOs and device nodes: EPERM at once (DESIGN §3), where the disk takes
+        them; mknod of a regular file makes an empty file on both."""
         d = self.pick_dir(data)
         p = f"{d}/special" if d else "special"
         if what == "link":
@@ -446,6 +448,10 @@ class MountModel(RuleBasedStateMachine):
             src = data.draw(st.sampled_from(files), label="linked")
             self.mount_only(f"link {src} {p}", lambda root: os.link(root / src, root / p),
                             errno.EPERM)
+        elif what == "file":
+            node = f"{d}/node" if d else "node"
+            self.both(f"mknod {node} (a regular file)",
+                      lambda root: os.mknod(root / node, 0o640 | stat.S_IFREG))
         elif what == "fifo":
             self.mount_only(f"mkfifo {p}", lambda root: os.mkfifo(root / p), errno.EPERM)
         else:
@@ -540,6 +546,20 @@ class MountModel(RuleBasedStateMachine):
         _, fm, fd = self.held
         got, want = look(fm, n, offset), look(fd, n, offset)
         assert got == want, f"the held writer: mount {got}, disk {want}"
+
+    @precondition(lambda self: self.held is not None)
+    @rule(how=st.sampled_from(("fsync", "dup_close")))
+    def held_sync(self, how: str) -> None:
+        """fsync, or close a duplicate (which commits the file while it is the only writable
+        descriptor; the next write starts a new version, docs/SEMANTICS.md)."""
+        assert self.held is not None
+        _, fm, fd = self.held
+        if how == "fsync":
+            got, want = attempt(lambda: os.fsync(fm)), attempt(lambda: os.fsync(fd))
+        else:
+            got = attempt(lambda: os.close(os.dup(fm)))
+            want = attempt(lambda: os.close(os.dup(fd)))
+        assert got == want, f"{how} of the held file: mount {got}, disk {want}"
 
     @precondition(lambda self: self.held is not None)
     @rule()
