@@ -348,3 +348,17 @@ async def test_a_running_daemon_keeps_fsck_out(tmp_path: Path) -> None:
         assert read(store, "k") == b"v"
     rc, out = fsck(data)
     assert rc == 0, out
+
+
+def test_a_damaged_page_of_the_database_is_reported_not_a_traceback(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    build(data)
+    size = (data / "meta.db").stat().st_size
+    assert size >= 4 * 4096, size  # the header page stays; a later page is garbage
+    with open(data / "meta.db", "r+b") as f:
+        f.seek(size - 2 * 4096)
+        f.write(os.urandom(4096))
+    rc, out = fsck(data)
+    assert rc in (1, 2), out
+    assert "restore" in out and "meta.db" in out, out
+    assert "clean" not in out.splitlines()[-1], out
