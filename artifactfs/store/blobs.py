@@ -162,6 +162,32 @@ class DataDir:
         except OSError as exc:
             raise from_os_error(exc, "committing an artifact") from exc
 
+    def write_blob(self, blob_id: str, content: bytes | bytearray | memoryview, *,
+                   durable: bool) -> None:
+        """A new blob straight from memory (put_artifact): no staging name is needed, since
+        a crash before its row commits leaves an orphan that start-up removes."""
+        path = self._blob(blob_id)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            try:
+                fd = os.open(path, flags, 0o600)
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                fd = os.open(path, flags, 0o600)
+            try:
+                view = memoryview(content)
+                while view:
+                    view = view[os.write(fd, view):]
+                if durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            if durable:
+                fsync_path(os.path.dirname(path))
+        except OSError as exc:
+            self.remove_blob(blob_id)
+            raise from_os_error(exc, "writing an artifact") from exc
+
     def open_blob(self, blob_id: str) -> int:
         return os.open(self._blob(blob_id), os.O_RDONLY | os.O_CLOEXEC)
 

@@ -442,35 +442,8 @@ class ArtifactStore(MountWrites):
                 os.close(fd)
         sha, size = digest
         blob_id = await self._publish(s.id, self.sync)
-        now_ns = time.time_ns()
-        created_at = now_ns // 1_000_000_000
         try:
-            with self.meta.transaction():
-                if not self.meta.delete_session(s.id):
-                    raise NotFound(f"upload session {s.id} was removed while committing")
-                parent_key = s.key.rpartition("/")[0]
-                found = self.meta.entries_by_keys([s.key, parent_key])
-                e = found.get(s.key)
-                if e is not None and e.is_dir:
-                    raise Conflict(f"{s.key} is a directory", errno=errno.EISDIR)
-                if e is not None and e.is_symlink:
-                    raise Conflict(f"{s.key} is a symbolic link")
-                if e is None:
-                    p = found.get(parent_key)  # '' is the root's key
-                    # Commonly the directory is there; else create it (or refuse: a file).
-                    parent_id = (p.id if p is not None and p.is_dir
-                                 else self._ensure_parents(s.key))
-                    entry_id = self.meta.insert_artifact(
-                        parent_id=parent_id, name=s.key.rpartition("/")[2], key=s.key,
-                        mode=0o644, uid=self.uid, gid=self.gid, now_ns=now_ns,
-                        blob_id=blob_id, size=size, sha256=sha, mime_type=s.mime_type,
-                        created_at=created_at, durable=self.sync)
-                else:
-                    entry_id = e.id
-                    self.meta.set_content(
-                        entry_id, blob_id=blob_id, size=size, sha256=sha,
-                        mime_type=s.mime_type, created_at=created_at, mtime_ns=now_ns,
-                        durable=self.sync)
+            artifact = self._install(s.key, blob_id, sha, size, s.mime_type, session_id=s.id)
         except ArtifactError:
             # The key cannot take the artifact (a directory appeared meanwhile): nothing to
             # resume, so the session goes with its bytes.
@@ -481,18 +454,84 @@ class ArtifactStore(MountWrites):
             self.data.remove_blob(blob_id)
             raise
         self.data.remove_staging(s.id)
+        return artifact
+
+    async def put_artifact(
+        self, key: str, content: bytes, mime_type: str = "application/octet-stream"
+    ) -> ArtifactResponse:
+        """Commit a whole artifact held in memory, in one step (our Python extension).
+
+        The seed's way (create_upload_session, then upload_content_to_session) needs a session
+        row that survives restarts, so two transactions; content already whole in memory (an
+        eval result, a config, a small shard) needs no resumable session. Same rules, same
+        atomic replace, same crash safety: the bytes go straight to a new blob, and a crash
+        before the row points at it leaves an orphan that start-up removes.
+        """
+        validate_key(key)
+        validate_mime_type(mime_type)
+        if not isinstance(content, bytes | bytearray | memoryview):
+            raise InvalidArgument(f"content must be bytes, not {type(content).__name__}")
+        size = len(content)
+        self.data.check_space(size, f"artifact {key}")
+        if size <= INLINE_IO_BYTES:
+            sha = hashlib.sha256(content).hexdigest()
+        else:
+            sha = await trio.to_thread.run_sync(lambda: hashlib.sha256(content).hexdigest())
+        blob_id = self.data.new_blob_id()
+        if self.sync:
+            await trio.to_thread.run_sync(
+                lambda: self.data.write_blob(blob_id, content, durable=True))
+        else:
+            self.data.write_blob(blob_id, content, durable=False)
+        try:
+            return self._install(key, blob_id, sha, size, mime_type)
+        except BaseException:
+            self.data.remove_blob(blob_id)
+            raise
+
+    def _install(self, key: str, blob_id: str, sha: str, size: int, mime_type: str, *,
+                 session_id: str | None = None) -> ArtifactResponse:
+        """Point ``key`` at a published blob in one transaction, ending its session if any."""
+        now_ns = time.time_ns()
+        created_at = now_ns // 1_000_000_000
+        with self.meta.transaction():
+            if session_id is not None and not self.meta.delete_session(session_id):
+                raise NotFound(f"upload session {session_id} was removed while committing")
+            parent_key = key.rpartition("/")[0]
+            found = self.meta.entries_by_keys([key, parent_key])
+            e = found.get(key)
+            if e is not None and e.is_dir:
+                raise Conflict(f"{key} is a directory", errno=errno.EISDIR)
+            if e is not None and e.is_symlink:
+                raise Conflict(f"{key} is a symbolic link")
+            if e is None:
+                p = found.get(parent_key)  # '' is the root's key
+                # Commonly the directory is there; else create it (or refuse: a file).
+                parent_id = (p.id if p is not None and p.is_dir
+                             else self._ensure_parents(key))
+                entry_id = self.meta.insert_artifact(
+                    parent_id=parent_id, name=key.rpartition("/")[2], key=key,
+                    mode=0o644, uid=self.uid, gid=self.gid, now_ns=now_ns,
+                    blob_id=blob_id, size=size, sha256=sha, mime_type=mime_type,
+                    created_at=created_at, durable=self.sync)
+            else:
+                entry_id = e.id
+                self.meta.set_content(
+                    entry_id, blob_id=blob_id, size=size, sha256=sha,
+                    mime_type=mime_type, created_at=created_at, mtime_ns=now_ns,
+                    durable=self.sync)
         if e is None:
             self._changed_keys()
-            self._notify(Change("added", entry_id, parent_id, s.key.rpartition("/")[2]))
+            self._notify(Change("added", entry_id, parent_id, key.rpartition("/")[2]))
         else:
             if e.blob_id:
                 self._doom(e.blob_id)
             else:
                 self._changed_keys()  # a file still being written in the mount joins the list
             self._notify(Change("content", entry_id, e.parent_id, e.name))
-        log.info("committed %s (%d bytes, sha256 %s)", s.key, size, sha[:12])
+        log.info("committed %s (%d bytes, sha256 %s)", key, size, sha[:12])
         return ArtifactResponse(
-            key=s.key, mime_type=s.mime_type, uri=self.content_uri(s.key), size=size,
+            key=key, mime_type=mime_type, uri=self.content_uri(key), size=size,
             created_at=created_at, sha256=sha)
 
     # --- durability and expiry (background) -----------------------------------------------
