@@ -35,6 +35,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import mmap
 import os
 import random
 import shutil
@@ -332,6 +333,29 @@ class MountModel(RuleBasedStateMachine):
             return os.stat(root / p).st_mtime_ns
 
         self.both(f"utime {p} {mtime_ns}", go)
+
+    @rule(data=st.data(), offset=offsets, body=contents)
+    def mmap_write(self, data: st.DataObject, offset: int, body: bytes) -> None:
+        """A shared writable mapping (np.memmap r+), msync'd before close: its pages commit
+        like writes."""
+        p = self.pick(data, "path", "file")
+
+        def go(root: Path) -> int:
+            fd = os.open(root / p, os.O_RDWR)
+            try:
+                size = os.fstat(fd).st_size
+                if size == 0:
+                    return 0  # nothing to map
+                with mmap.mmap(fd, size) as m:
+                    at = offset % size
+                    chunk = body[:size - at]
+                    m[at:at + len(chunk)] = chunk
+                    m.flush()
+                return len(chunk)
+            finally:
+                os.close(fd)
+
+        self.both(f"mmap {p} and write {len(body)} bytes at {offset}", go)
 
     @rule(data=st.data())
     def unlink(self, data: st.DataObject) -> None:
