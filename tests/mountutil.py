@@ -24,9 +24,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -208,3 +209,16 @@ def run(*cmd: str | os.PathLike[str], cwd: Path | None = None, check: bool = Tru
     if check and r.returncode != 0:
         raise AssertionError(f"{cmd} exited {r.returncode}: {r.stderr.decode(errors='replace')}")
     return r
+
+
+def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Another face's change reaches the kernel through an invalidation queue: allow it a
+    moment, no more. Returns what ``check`` returns once it stops raising."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return check()
+        except (AssertionError, OSError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)

@@ -16,14 +16,13 @@ import errno
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-from mountutil import IN_CI, cannot_mount, check_can_mount, start_daemon, unmount
+from mountutil import IN_CI, cannot_mount, check_can_mount, eventually, start_daemon, unmount
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(180)]
 
@@ -103,17 +102,6 @@ def put(c: httpx.Client, key: str, data: bytes) -> httpx.Response:
     if r.status_code != 200:
         return r
     return c.post(r.json()["uri"], content=data)
-
-
-def eventually(check, timeout: float = 10.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check()
-        except (AssertionError, OSError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
 
 
 def no_staging_left(s: Small, allowed: int = 0) -> None:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mountutil import Mount, mount_fixture, workdir_fixture
+from mountutil import Mount, eventually, mount_fixture, workdir_fixture
 
 pytestmark = pytest.mark.mount
 
@@ -25,19 +25,6 @@ workdir = workdir_fixture()
 
 def key_of(mount: Mount, p: Path) -> str:
     return os.fspath(p.relative_to(mount.path))
-
-
-def eventually(check, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    """Invalidations reach the kernel from a queue: allow them a moment, no more."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            check()
-            return
-        except (AssertionError, OSError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
 
 
 def test_written_through_mount_is_an_artifact_after_close(workdir: Path, mount: Mount) -> None:

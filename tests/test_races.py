@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import SCALE
-from mountutil import Mount, mount_fixture, mounted, workdir_fixture
+from mountutil import Mount, eventually, mount_fixture, mounted, workdir_fixture
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(300)]
 
@@ -81,18 +81,6 @@ def http_content(c: httpx.Client, key: str) -> bytes | None:
         return None
     assert r.status_code == 200, r.text
     return r.content
-
-
-def eventually(check: Callable[[], Any], timeout: float = 5.0) -> Any:
-    """Another face's change reaches the kernel through a queue: allow it a moment."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check()
-        except (AssertionError, OSError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
 
 
 def test_two_mount_writers_of_one_key(workdir: Path, mount: Mount) -> None:
