@@ -7,9 +7,11 @@ file on a local disk; the artifact commits when the last of them is released.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -34,9 +36,37 @@ class WriteSession:
     # so it must not commit (DESIGN §5: nothing half-committed); close reports ENOSPC.
     nospace: bool = False
     failed: BaseException | None = None
+    # sha256 of bytes [0, hashed), fed by writes that arrived in order (cp, dd, a training
+    # job saving a checkpoint), so the commit need not read the whole file again. None once
+    # a write lands anywhere but at ``hashed``, or the file was truncated or copied into:
+    # then the commit hashes the file (the slow path, always right).
+    hasher: Any = field(default_factory=hashlib.sha256)
+    hashed: int = 0
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size
+
+    def fed(self, buf: bytes, offset: int, n: int) -> None:
+        """Account ``n`` bytes of ``buf`` written at ``offset`` in the running digest."""
+        if self.hasher is None:
+            return
+        if offset == self.hashed:
+            self.hasher.update(buf if n == len(buf) else memoryview(buf)[:n])
+            self.hashed += n
+        else:
+            self.hasher = None
+
+    def truncated(self, size: int) -> None:
+        if size == 0:
+            self.hasher, self.hashed = hashlib.sha256(), 0
+        elif self.hasher is not None and size != self.hashed:
+            self.hasher = None
+
+    def running_digest(self, size: int) -> tuple[str, int] | None:
+        """(sha256, size) if every byte of a ``size``-byte file went through the digest."""
+        if self.hasher is not None and self.hashed == size:
+            return self.hasher.hexdigest(), size
+        return None
 
     def wrote(self) -> None:
         """Record a write: on a local disk a write moves mtime to now."""

@@ -58,6 +58,7 @@ class MountWrites(TreeOperations):
                 raise InvalidArgument(f"size {size} is larger than the store can hold",
                                       errno=errno.EFBIG) from exc
             raise from_os_error(exc, "truncate") from exc
+        ws.truncated(size)
         ws.wrote()
 
     # --- files open for writing (the mount's upload sessions) ------------------------------
@@ -133,6 +134,7 @@ class MountWrites(TreeOperations):
                 offset=0, mime_type=e.mime_type or mime_type_for_name(e.name),
                 created_at=int(time.time()), expires_at=None))
             if e.blob_id and not truncate:
+                ws.hasher = None  # starts from a copy: the commit hashes the whole file
                 self.data.check_space(e.size, f"rewriting {e.key}")
                 if e.size <= INLINE_IO_BYTES:
                     self.data.copy_blob_to_staging(e.blob_id, session_id)
@@ -157,6 +159,7 @@ class MountWrites(TreeOperations):
         self.data.create_staging(session_id)
         fd = self.data.open_staging(session_id)
         ws = WriteSession(id=session_id, entry_id=entry_id, fd=fd)
+        ws.hasher = None  # starts from a copy: the commit hashes the whole file
         self._writes[entry_id] = ws
         try:
             size = os.fstat(source_fd).st_size
@@ -187,6 +190,7 @@ class MountWrites(TreeOperations):
         try:
             self.data.check_space(len(buf), f"writing {self._key_of(ws)}")
             n = os.pwrite(ws.fd, buf, offset)
+            ws.fed(buf, offset, n)
         except (NoSpace, OSError) as exc:
             if isinstance(exc, NoSpace) or is_no_space(exc):
                 ws.nospace = True
@@ -235,7 +239,8 @@ class MountWrites(TreeOperations):
             self._abandon_write(ws)
             raise NoSpace(f"{key} was not saved: a write to it failed for want of space;"
                           " it keeps its previous content")
-        sha, size = await self._digest(ws.fd)
+        sha, size = (ws.running_digest(os.fstat(ws.fd).st_size)
+                     or await self._digest(ws.fd))
         durable = ws.synced or self.sync
         blob_id = await self._publish(ws.id, durable)
         try:
