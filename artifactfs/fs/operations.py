@@ -65,6 +65,10 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, FileHandle] = {}
         self._by_inode: dict[int, set[FileHandle]] = {}
         self._dirs: dict[int, DirHandle] = {}
+        # Directories removed while the kernel still holds their inode (an open fd, a cwd):
+        # fstat answers what they were, with nlink 0, as on a disk, until the kernel forgets
+        # the inode.
+        self._removed_dirs: dict[int, Entry] = {}
         # Counts names that went or changed (unlink, rmdir, rename, another face's change):
         # entries a readdir batch read before such a change are not handed to the kernel.
         self._removals = 0
@@ -117,7 +121,12 @@ class Operations(pyfuse3.Operations):
         try:
             return self._attrs(self._current_entry(inode))
         except ArtifactError as exc:
-            if exc.errno not in (errno.ENOENT, errno.ESTALE) or not self._by_inode.get(inode):
+            if exc.errno not in (errno.ENOENT, errno.ESTALE):
+                raise
+            removed = self._removed_dirs.get(inode)
+            if removed is not None:
+                return entry_attributes(removed, inode=inode, nlink=0)
+            if not self._by_inode.get(inode):
                 raise
         return self._detached_attrs(inode)
 
@@ -130,8 +139,10 @@ class Operations(pyfuse3.Operations):
         return entry_attributes(e, inode=inode, nlink=0)
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
-        # Inode numbers are derived from entry ids, not allocated: nothing to count or free.
-        return None
+        # Inode numbers are derived from entry ids, not allocated: nothing to count or free
+        # but what is kept of removed directories.
+        for inode, _ in inode_list:
+            self._removed_dirs.pop(inode, None)
 
     @translated
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
@@ -212,7 +223,10 @@ class Operations(pyfuse3.Operations):
     @translated
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._removals += 1
-        self.store.rmdir(self.inodes.entry_id(parent_inode), os.fsdecode(name))
+        parent = self.inodes.entry_id(parent_inode)
+        removed = self.store.lookup(parent, os.fsdecode(name))
+        self.store.rmdir(parent, os.fsdecode(name))
+        self._removed_dirs[self.inodes.inode(removed.id)] = removed
 
     @translated
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
