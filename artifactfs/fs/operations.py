@@ -237,8 +237,15 @@ class Operations(pyfuse3.Operations):
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
         self._removals += 1
+        new_parent = self.inodes.entry_id(parent_inode_new)
+        try:
+            replaced: Entry | None = self.store.lookup(new_parent, os.fsdecode(name_new))
+        except ArtifactError:
+            replaced = None
         self.store.rename(self.inodes.entry_id(parent_inode_old), os.fsdecode(name_old),
-                          self.inodes.entry_id(parent_inode_new), os.fsdecode(name_new), flags)
+                          new_parent, os.fsdecode(name_new), flags)
+        if replaced is not None and replaced.is_dir:
+            self._removed_dirs[self.inodes.inode(replaced.id)] = replaced
 
     @translated
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
