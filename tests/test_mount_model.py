@@ -102,10 +102,14 @@ def attempt(fn: Callable[[], Any]) -> Outcome:
 
 
 def look(fd: int, n: int, offset: int) -> tuple[Any, ...]:
-    """What a descriptor held across steps reads, and its fstat."""
-    st_ = os.fstat(fd)
-    size = None if stat.S_ISDIR(st_.st_mode) else st_.st_size  # a directory's: not compared
-    return (attempt(lambda: os.pread(fd, n, offset)), size, st_.st_nlink)
+    """What a descriptor held across steps reads (lists, for a directory), and its fstat."""
+    st_ = attempt(lambda: os.fstat(fd))
+    if st_[0] != "ok":
+        return (st_,)
+    if stat.S_ISDIR(st_[1].st_mode):  # a directory's size is not compared
+        return (attempt(lambda: sorted(os.listdir(fd))), oct(st_[1].st_mode), st_[1].st_nlink)
+    return (attempt(lambda: os.pread(fd, n, offset)), oct(st_[1].st_mode), st_[1].st_size,
+            st_[1].st_nlink)
 
 
 def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
@@ -610,7 +614,8 @@ class MountModel(RuleBasedStateMachine):
     @precondition(lambda self: self.reader is None)
     @rule(data=st.data())
     def hold_reader(self, data: st.DataObject) -> None:
-        p = self.pick(data, "path", "file")
+        """A file, or a directory (an fd or a cwd, which rmdir or rename may remove)."""
+        p = self.pick(data, "path", data.draw(st.sampled_from(("file", "dir")), label="kind"))
         fds: dict[Path, int] = {}
 
         def go(root: Path) -> None:
@@ -718,4 +723,28 @@ def test_writer_that_had_not_written_keeps_its_unlinked_file(
         os.close(w)
         results.append((seen, sorted(os.listdir(root)),
                         [(root / n).read_bytes() for n in sorted(os.listdir(root))]))
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("how", ["rmdir", "rename_over"])
+def test_directory_removed_while_open(mount: Mount, tmp_path: Path, how: str) -> None:
+    """fstat and listing of an open directory removed meanwhile work, as on a disk (fstat
+    answered ENOENT)."""
+    results = []
+    for root in (mount.path / f"removed_dir_{how}", tmp_path):
+        root.mkdir(exist_ok=True)
+        (root / "d").mkdir(mode=0o750)
+        (root / "other").mkdir()
+        fd = os.open(root / "d", os.O_RDONLY)
+        try:
+            if how == "rmdir":
+                os.rmdir(root / "d")
+            else:
+                os.rename(root / "other", root / "d")
+            st_ = os.fstat(fd)
+            results.append((oct(st_.st_mode), st_.st_nlink, os.listdir(fd),
+                            attempt(lambda fd=fd: os.open("x", os.O_CREAT | os.O_WRONLY,
+                                                          dir_fd=fd))))
+        finally:
+            os.close(fd)
     assert results[0] == results[1]
