@@ -217,7 +217,11 @@ def test_many_clients_in_one_directory(tmp_path: Path) -> None:
     duration = 3.0 * SCALE
 
     def new_content(tag: str) -> bytes:
-        data = f"{tag}-{time.monotonic_ns()}-{random.random()}".encode() * 50
+        # Every version has the same length, under a page: two threads writing one name at
+        # once share its inode (one file, as on a disk), and with unequal lengths a longer
+        # version's tail would survive a shorter one's write: bytes no single write made,
+        # on a disk too. With equal lengths the last write() wins whole.
+        data = (f"{tag}-{time.monotonic_ns()}-{random.random()}|".encode() * 100)[:1800]
         with lock:
             written.add(data)
         return data
