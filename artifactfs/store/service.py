@@ -60,6 +60,14 @@ def _ancestors(key: str) -> list[str]:
     return out
 
 
+def _refuse_non_file(key: str, e: Entry | None) -> None:
+    """An artifact can replace a file at its key, never a directory or a symlink."""
+    if e is not None and e.is_dir:
+        raise Conflict(f"{key} is a directory", errno=errno.EISDIR)
+    if e is not None and e.is_symlink:
+        raise Conflict(f"{key} is a symbolic link")
+
+
 def _hash_inline(hasher: Any, chunk: bytes) -> Any:
     """Hash a chunk as it goes by, unless it is big enough to stall the trio thread: then
     give up, and the commit hashes the staging file in a worker thread instead."""
@@ -385,10 +393,7 @@ class ArtifactStore(MountWrites):
         ancestors = _ancestors(key)
         found = self.meta.entries_by_keys([key, *ancestors])
         e = found.get(key)
-        if e is not None and e.is_dir:
-            raise Conflict(f"{key} is a directory", errno=errno.EISDIR)
-        if e is not None and e.is_symlink:
-            raise Conflict(f"{key} is a symbolic link")
+        _refuse_non_file(key, e)
         for parent_key in ancestors:
             p = found.get(parent_key)
             if p is not None:
@@ -500,10 +505,7 @@ class ArtifactStore(MountWrites):
             parent_key = key.rpartition("/")[0]
             found = self.meta.entries_by_keys([key, parent_key])
             e = found.get(key)
-            if e is not None and e.is_dir:
-                raise Conflict(f"{key} is a directory", errno=errno.EISDIR)
-            if e is not None and e.is_symlink:
-                raise Conflict(f"{key} is a symbolic link")
+            _refuse_non_file(key, e)
             if e is None:
                 p = found.get(parent_key)  # '' is the root's key
                 # Commonly the directory is there; else create it (or refuse: a file).

@@ -143,12 +143,17 @@ class MountWrites(TreeOperations):
                     await trio.to_thread.run_sync(
                         lambda: self.data.copy_blob_to_staging(blob_id, session_id))
         except BaseException as exc:
-            ws.failed = exc if isinstance(exc, ArtifactError) else ArtifactError(str(exc))
-            self._discard_write(ws)
-            ws.ready.set()
+            self._fail_open(ws, exc)
             raise
         ws.ready.set()
         return ws
+
+    def _fail_open(self, ws: WriteSession, exc: BaseException) -> None:
+        """The session could not get its starting bytes: forget it, and tell the openers that
+        joined it meanwhile why (they wait on ws.ready)."""
+        ws.failed = exc if isinstance(exc, ArtifactError) else ArtifactError(str(exc))
+        self._discard_write(ws)
+        ws.ready.set()
 
     async def _open_unlinked_write(self, entry_id: int, source_fd: int) -> WriteSession:
         """As on a disk, a file unlinked (or replaced by rename) while open stays writable
@@ -178,9 +183,7 @@ class MountWrites(TreeOperations):
             else:
                 await trio.to_thread.run_sync(copy)
         except BaseException as exc:
-            ws.failed = exc if isinstance(exc, ArtifactError) else ArtifactError(str(exc))
-            self._discard_write(ws)
-            ws.ready.set()
+            self._fail_open(ws, exc)
             raise
         ws.ready.set()
         return ws
