@@ -8,6 +8,7 @@ run of them between two awaits is a critical section on the trio thread.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -140,6 +141,11 @@ class Metadata:
         # runs; across restarts reuse is harmless (the kernel forgets inodes at unmount).
         self._last_id = int(self.conn.execute("SELECT coalesce(max(id), 0) FROM entries")
                             .fetchone()[0])
+        # Rows this process wrote with durable = 0, entry id -> blob id, for the flusher; an
+        # index on durable cost every commit a page write (schema.py). A transaction that
+        # rolls back leaves a stale pair here: mark_durable matches (id, blob) and so ignores
+        # it, and forget_unflushed drops it after one flush.
+        self._unflushed: dict[int, str] = {}
 
     def close(self) -> None:
         if self._checkpointer is not None:
@@ -275,6 +281,8 @@ class Metadata:
             (new_id, parent_id, name, key, mode, uid, gid, now_ns, now_ns, blob_id, size,
              sha256, mime_type, created_at, int(durable)),
         )
+        if not durable:
+            self._unflushed[new_id] = blob_id
         return new_id
 
     def set_content(
@@ -295,6 +303,10 @@ class Metadata:
             (blob_id, size, sha256, mime_type, created_at, mtime_ns, mtime_ns,
              int(durable), entry_id),
         )
+        if durable:
+            self._unflushed.pop(entry_id, None)
+        else:
+            self._unflushed[entry_id] = blob_id
 
     def delete_entry(self, entry_id: int) -> None:
         self.conn.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
@@ -347,15 +359,29 @@ class Metadata:
             params.append(hi)
         params += [limit, offset]
         rows = self.conn.execute(
-            f"SELECT {ENTRY_COLUMNS} FROM entries INDEXED BY artifacts_by_key"
+            f"SELECT {ENTRY_COLUMNS} FROM entries INDEXED BY sqlite_autoindex_entries_1"
             f" WHERE {' AND '.join(where)} ORDER BY key LIMIT ? OFFSET ?",
             params,
         ).fetchall()
         return [Entry(*r) for r in rows]
 
-    def not_durable(self, limit: int) -> list[Entry]:
+    def unflushed(self, limit: int) -> list[tuple[int, str]]:
+        """Up to ``limit`` (entry id, blob id) pairs this process committed without fsync."""
+        return list(itertools.islice(self._unflushed.items(), limit))
+
+    def forget_unflushed(self, pairs: list[tuple[int, str]]) -> None:
+        """Drop pairs the flusher has dealt with; a pair replaced since (a newer commit of the
+        same entry) stays for the next flush."""
+        for entry_id, blob_id in pairs:
+            if self._unflushed.get(entry_id) == blob_id:
+                del self._unflushed[entry_id]
+
+    def not_durable_after(self, after_id: int, limit: int) -> list[Entry]:
+        """Rows with durable = 0 in id order, for start-up after an unclean shutdown: one pass
+        over the table by rowid (no index, see schema.py), resumed from ``after_id``."""
         rows = self.conn.execute(
-            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE durable = 0 LIMIT ?", (limit,)
+            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE id > ? AND durable = 0"
+            " ORDER BY id LIMIT ?", (after_id, limit)
         ).fetchall()
         return [Entry(*r) for r in rows]
 
@@ -370,11 +396,12 @@ class Metadata:
             "INSERT OR REPLACE INTO store_info (name, value) VALUES ('flushed_at', ?)",
             (str(now),))
 
-    def blob_ids_with_prefix(self, prefix: str) -> set[str]:
-        """Blob ids in use that start with ``prefix`` (one blobs/ subdirectory's worth)."""
-        return {r[0] for r in self.conn.execute(
-            "SELECT blob_id FROM entries WHERE blob_id >= ? AND blob_id < ?",
-            (prefix, prefix + "~"))}
+    def blob_ids_sorted(self) -> Iterator[str]:
+        """Every blob id a row points at, in order: the orphan scan merges it with the sorted
+        blob directories, so memory stays flat at any size (one sort, no index)."""
+        for (blob_id,) in self.conn.execute(
+                "SELECT blob_id FROM entries WHERE blob_id IS NOT NULL ORDER BY blob_id"):
+            yield blob_id
 
     def iter_artifacts(self) -> Iterator[Entry]:
         cur = self.conn.execute(

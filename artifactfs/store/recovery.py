@@ -74,7 +74,9 @@ def recover(store: ArtifactStore) -> None:
 def _verify_not_durable(store: ArtifactStore) -> None:
     """Rows committed without fsync: keep those whose bytes survived, drop the others."""
     meta, data = store.meta, store.data
-    while rows := meta.not_durable(1000):
+    after = 0
+    while rows := meta.not_durable_after(after, 1000):
+        after = rows[-1].id
         good: list[tuple[int, str]] = []
         for e in rows:
             assert e.blob_id is not None
@@ -88,18 +90,27 @@ def _verify_not_durable(store: ArtifactStore) -> None:
         data.fsync_blobs([b for _, b in good])
         with meta.transaction():
             meta.mark_durable(good)
-        if len(rows) < 1000:
-            break
 
 
 def remove_orphan_blobs(store: ArtifactStore, *, dry_run: bool = False) -> int:
+    """Remove (or count) blobs no row points at: the sorted blob ids of the rows merged with
+    the sorted blob directories, one directory's names in memory at a time."""
     removed = 0
+    used = store.meta.blob_ids_sorted()
+    pending = next(used, None)
     for sub in sorted(store.data.blobs.iterdir()):
         if not sub.is_dir():
             continue
-        used = store.meta.blob_ids_with_prefix(sub.name)
+        # Blob ids are lowercase hex and each directory is named by their first two
+        # characters, so directories in name order meet the ids in the same order.
+        while pending is not None and pending < sub.name:
+            pending = next(used, None)
+        in_sub: set[str] = set()
+        while pending is not None and pending.startswith(sub.name):
+            in_sub.add(pending)
+            pending = next(used, None)
         for f in sub.iterdir():
-            if f.name not in used:
+            if f.name not in in_sub:
                 removed += 1
                 if not dry_run:
                     store.data.remove_blob(f.name)

@@ -33,8 +33,9 @@ _SCHEMA = """
 --            (Unix seconds). size is 0 and the others NULL while blob_id is NULL.
 --            mime_type of a pending file lives on its session row until commit.
 -- durable    1 when the blob's bytes and its directory entry were fsynced; 0 when committed
---            without fsync (the background flusher sets it within seconds). Start-up verifies
---            the rows still at 0 (size and sha256) and drops those whose bytes did not survive.
+--            without fsync (the background flusher sets it within seconds). Start-up after an
+--            unclean shutdown verifies the rows still at 0 (size and sha256) and drops those
+--            whose bytes did not survive.
 -- target     symlinks only: the link target, as given (not a key; may be anything).
 CREATE TABLE IF NOT EXISTS entries (
     id         INTEGER PRIMARY KEY,
@@ -67,14 +68,17 @@ CREATE INDEX IF NOT EXISTS entries_by_parent ON entries(parent_id);
 CREATE INDEX IF NOT EXISTS dirs_by_parent ON entries(parent_id) WHERE kind = 'dir';
 -- Start-up finds files created in the mount that never committed without a full scan.
 CREATE INDEX IF NOT EXISTS pending_files ON entries(id) WHERE kind = 'file' AND blob_id IS NULL;
--- list_artifacts: committed artifacts only, in bytewise key order, without visiting
--- directories, symlinks or pending files.
-CREATE INDEX IF NOT EXISTS artifacts_by_key ON entries(key)
-    WHERE kind = 'file' AND blob_id IS NOT NULL;
--- Recovery and fsck: which row (if any) holds a blob, one subdirectory of blobs/ at a time.
-CREATE INDEX IF NOT EXISTS entries_by_blob ON entries(blob_id) WHERE blob_id IS NOT NULL;
--- The background flusher and start-up verification find the not-yet-durable rows here.
-CREATE INDEX IF NOT EXISTS entries_not_durable ON entries(id) WHERE durable = 0;
+-- Not indexed, on purpose (each was an index once; each cost a page write on every commit,
+-- and together they were half of a small commit's time: docs/PERFORMANCE.md, "Store"):
+-- * list_artifacts pages through the key index above (sqlite_autoindex_entries_1) and skips
+--   the few directories, symlinks and pending files it meets on the way;
+-- * start-up's orphan-blob scan, which runs only after an unclean shutdown, reads blob_id of
+--   every row once in sorted order (a sort, not an index);
+-- * rows with durable = 0: the process that committed them keeps their ids in memory for the
+--   flusher, and start-up after an unclean shutdown finds them in one pass over the table.
+DROP INDEX IF EXISTS artifacts_by_key;
+DROP INDEX IF EXISTS entries_by_blob;
+DROP INDEX IF EXISTS entries_not_durable;
 
 -- One row per upload session. The bytes received so far are in staging/<id>.
 --

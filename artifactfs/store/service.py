@@ -546,31 +546,30 @@ class ArtifactStore(MountWrites):
         """
         total = 0
         while True:
-            rows = self.meta.not_durable(10_000)
-            done = set(self.data.fsync_blobs([e.blob_id for e in rows if e.blob_id]))
-            total += self._mark_flushed(rows, done)
+            pairs = self.meta.unflushed(10_000)
+            done = set(self.data.fsync_blobs([b for _, b in pairs]))
+            total += self._mark_flushed(pairs, done)
             # More than one batch (a burst of commits): close() must leave none behind, or
             # the clean marker would skip their verification after a power loss.
-            if len(rows) < 10_000 or not done:
+            if len(pairs) < 10_000:
                 return total
 
     async def flush_async(self) -> int:
-        rows = self.meta.not_durable(10_000)
-        if not rows and not self._doomed:
+        pairs = self.meta.unflushed(10_000)
+        if not pairs and not self._doomed:
             return 0
-        ids = [e.blob_id for e in rows if e.blob_id]
-        done = set(await trio.to_thread.run_sync(self.data.fsync_blobs, ids))
-        return self._mark_flushed(rows, done)
+        done = set(await trio.to_thread.run_sync(
+            self.data.fsync_blobs, [b for _, b in pairs]))
+        return self._mark_flushed(pairs, done)
 
-    def _mark_flushed(self, rows: list[Entry], done: set[str]) -> int:
+    def _mark_flushed(self, pairs: list[tuple[int, str]], done: set[str]) -> int:
         doomed, self._doomed = self._doomed, []
         # One FULL-synchronous commit fsyncs the WAL with every earlier transaction in it, so
         # after it no row can come back pointing at a blob we are about to unlink.
         self.meta.conn.execute("PRAGMA synchronous = FULL")
         try:
             with self.meta.transaction():
-                self.meta.mark_durable([(e.id, e.blob_id) for e in rows
-                                        if e.blob_id in done])
+                self.meta.mark_durable([(i, b) for i, b in pairs if b in done])
                 # Never an empty commit: it would write no WAL frame and fsync nothing, and
                 # a delete committed at NORMAL could come back after a power loss pointing
                 # at a blob unlinked just below.
@@ -578,6 +577,9 @@ class ArtifactStore(MountWrites):
         finally:
             if not self.sync:
                 self.meta.conn.execute("PRAGMA synchronous = NORMAL")
+        # A blob missing from `done` is gone: its row was deleted, replaced or rolled back
+        # before the flush (fsync_blobs raises on any other failure, keeping every pair).
+        self.meta.forget_unflushed(pairs)
         for blob_id in doomed:
             self.data.remove_blob(blob_id)
         return len(done)
