@@ -257,19 +257,21 @@ async def bench_queries(base: Path, n_artifacts: int, big_dir: int) -> None:
             (big.id,)))
         show_plan("rmdir (has_children)", plan(
             store, "SELECT 1 FROM entries WHERE parent_id = ? LIMIT 1", (big.id,)))
-        page_sql = (f"SELECT {E} FROM entries INDEXED BY artifacts_by_key WHERE kind = 'file'"
-                    " AND blob_id IS NOT NULL AND key >= ? AND key < ? AND key > ?"
+        page_sql = (f"SELECT {E} FROM entries INDEXED BY sqlite_autoindex_entries_1"
+                    " WHERE kind = 'file' AND blob_id IS NOT NULL AND key > ? AND key < ?"
                     " ORDER BY key LIMIT ? OFFSET ?")
         show_plan("list_artifacts (prefix, cursor)",
-                  plan(store, page_sql, ("big/", "big0", "big/f000100.bin", 101, 0)))
+                  plan(store, page_sql, ("big/f000100.bin", "big0", 101, 0)))
         show_plan("rename dir (rekey_subtree)", plan(
             store, "UPDATE entries SET key = ? || substr(key, ?) WHERE key >= ? AND key < ?",
             ("x/", 5, "big/", "big0")))
-        show_plan("start-up (not_durable)", plan(
-            store, f"SELECT {E} FROM entries WHERE durable = 0 LIMIT ?", (1000,)))
-        show_plan("start-up (orphan blobs)", plan(
-            store, "SELECT blob_id FROM entries WHERE blob_id >= ? AND blob_id < ?",
-            ("ab", "ab~")))
+        # The next two run only after an unclean shutdown, once each: one pass over the table
+        # (schema.py says why they have no index: every commit would pay for it).
+        show_plan("start-up after a crash (not_durable)", plan(
+            store, f"SELECT {E} FROM entries WHERE id > ? AND durable = 0 ORDER BY id LIMIT ?",
+            (0, 1000)))
+        show_plan("start-up after a crash (orphan blobs)", plan(
+            store, "SELECT blob_id FROM entries WHERE blob_id IS NOT NULL ORDER BY blob_id", ()))
         show_plan("start-up (pending files)", plan(
             store, f"SELECT {E} FROM entries WHERE kind = 'file' AND blob_id IS NULL AND id NOT IN"
             " (SELECT entry_id FROM sessions WHERE entry_id IS NOT NULL)", ()))
