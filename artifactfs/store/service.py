@@ -246,7 +246,11 @@ class ArtifactStore(MountWrites):
         # worker thread instead.
         hasher = hashlib.sha256() if pos == 0 and s.size <= INLINE_IO_BYTES else None
         try:
-            os.ftruncate(fd, s.offset)  # drop a torn tail left by a crash mid-request
+            # Drop a torn tail left by a crash mid-request, only if there is one: on ext4 a
+            # truncate (even of an empty file, to 0) makes the next close() start writeback
+            # of the file (auto_da_alloc), which was 18 us of a ~100 us small upload.
+            if os.fstat(fd).st_size != s.offset:
+                os.ftruncate(fd, s.offset)
             if isinstance(chunks, AsyncIterable):
                 async for chunk in chunks:
                     pos = self._append(fd, s, pos, chunk)
