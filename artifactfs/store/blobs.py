@@ -20,6 +20,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,10 @@ HASH_CHUNK = 1 << 20
 # metadata always has room to change: a delete, the very thing that frees space, must never
 # fail for want of it, nor a commit or the shutdown that follows a full disk.
 RESERVE_MIN, RESERVE_MAX = 1 << 20, 64 << 20
+# How long one statvfs answers check_space: statvfs cost more than the rest of a small
+# commit's file operations. Within this window the bytes granted since are subtracted from
+# what it found, and a claim that comes within twice the reserve of the end looks again.
+SPACE_CHECK_INTERVAL = 0.5
 
 
 class DataDir:
@@ -43,6 +48,9 @@ class DataDir:
         self.db_path = root / "meta.db"
         self._lock_fd: int | None = None
         self.reserve = RESERVE_MIN
+        self._free_seen = 0  # bytes free at the last statvfs
+        self._free_seen_at = -SPACE_CHECK_INTERVAL  # time.monotonic() of it
+        self._granted = 0  # bytes check_space allowed since
         # The commit path names files as plain strings: pathlib costs more than the syscall.
         self._blobs_s = str(self.blobs)
         self._staging_s = str(self.staging)
@@ -77,13 +85,20 @@ class DataDir:
 
     def check_space(self, nbytes: int, what: str) -> None:
         """Raise NoSpace unless ``nbytes`` more fit and leave the reserve free."""
+        now = time.monotonic()
+        if (now - self._free_seen_at < SPACE_CHECK_INTERVAL
+                and self._free_seen - self._granted - nbytes >= 2 * self.reserve):
+            self._granted += nbytes
+            return
         st = os.statvfs(self.root)
         free = st.f_bavail * st.f_frsize
+        self._free_seen, self._free_seen_at, self._granted = free, now, 0
         if free - nbytes < self.reserve:
             raise NoSpace(
                 f"no space left for {what}: {free >> 20} MiB free on the file system of"
                 f" {self.root}, {self.reserve >> 20} MiB of it kept for the metadata;"
                 " delete artifacts or free space there")
+        self._granted = nbytes
 
     # --- names -----------------------------------------------------------------------------
 
