@@ -45,7 +45,7 @@ import pytest
 import trio
 from conftest import IN_CI, SCALE
 from httputil import free_port
-from mountutil import cannot_mount, check_can_mount, mounted, start_daemon, unmount
+from mountutil import cannot_mount, check_can_mount, eventually, mounted, start_daemon, unmount
 from test_security import traced
 
 from artifactfs.store import ArtifactStore
@@ -495,6 +495,37 @@ def test_fsync_then_close_is_on_disk_when_close_returns(tmp_path: Path) -> None:
     assert before(r"fsync\(\d+</[^>]*/blobs/[0-9a-f]{2}>"), "the blob's directory was not"
     assert before(r"f(data)?sync\(\d+</[^>]*meta\.db(-wal)?>"), (
         "close returned before the commit's metadata was on disk:\n" + "\n".join(lines[:marker]))
+
+
+def test_replaced_blob_is_unlinked_only_after_the_metadata_is_on_disk(tmp_path: Path) -> None:
+    """The flusher frees a replaced artifact's old blob only once the row that stopped
+    pointing at it is on disk (the WAL fsynced), so a power loss can never bring back a row
+    whose blob is gone. Watched with strace, as above."""
+    if shutil.which("strace") is None:
+        if IN_CI:
+            pytest.fail("strace is needed (apt-get install strace)")
+        pytest.skip("strace is not installed")
+    import sqlite3
+
+    with mounted(tmp_path) as m:
+        (m.path / "ckpt.bin").write_bytes(b"old" * 1000)
+        with contextlib.closing(sqlite3.connect(m.data_dir / "meta.db")) as db:
+            (old_blob,) = db.execute(
+                "SELECT blob_id FROM entries WHERE key = 'ckpt.bin'").fetchone()
+        old_path = m.data_dir / "blobs" / old_blob[:2] / old_blob
+        trace = tmp_path / "strace.out"
+        with traced(m.proc.pid, trace, "trace=fsync,fdatasync,unlink,unlinkat"):
+            (m.path / "ckpt.bin").write_bytes(b"new" * 1000)
+            def freed() -> None:
+                assert not old_path.exists(), "the flusher has not freed the replaced blob"
+
+            eventually(freed, timeout=30)
+        lines = trace.read_text(errors="replace").splitlines()
+    gone = next(i for i, line in enumerate(lines) if "unlink" in line and old_blob in line)
+    assert any(re.search(r"f(data)?sync\(\d+</[^>]*meta\.db(-wal)?>", line)
+               for line in lines[:gone]), (
+        "the old blob was unlinked before the metadata was synced:\n"
+        + "\n".join(lines[:gone + 1]))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

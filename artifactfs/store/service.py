@@ -559,12 +559,30 @@ class ArtifactStore(MountWrites):
                 return total
 
     async def flush_async(self) -> int:
+        """flush() for the background task: every wait on the disk happens in a thread.
+
+        The rows are marked at synchronous=NORMAL and the WAL is then fsynced in a worker
+        thread (_sync_metadata), which makes that commit and every earlier one durable as a
+        FULL commit would, without the trio thread (and every request) waiting on the fsync:
+        under another process's heavy writes it took hundreds of ms."""
         pairs = self.meta.unflushed(10_000)
         if not pairs and not self._doomed:
             return 0
         done = set(await trio.to_thread.run_sync(
             self.data.fsync_blobs, [b for _, b in pairs]))
-        return self._mark_flushed(pairs, done)
+        doomed, self._doomed = self._doomed, []
+        try:
+            self._mark_durable(pairs, done)
+            await self._sync_metadata()
+        except BaseException:
+            self._doomed[:0] = doomed  # unlinked by the next flush that gets this far
+            raise
+        # A blob missing from `done` is gone: its row was deleted, replaced or rolled back
+        # before the flush (fsync_blobs raises on any other failure, keeping every pair).
+        self.meta.forget_unflushed(pairs)
+        for blob_id in doomed:
+            self.data.remove_blob(blob_id)
+        return len(done)
 
     def _mark_flushed(self, pairs: list[tuple[int, str]], done: set[str]) -> int:
         doomed, self._doomed = self._doomed, []
@@ -572,21 +590,22 @@ class ArtifactStore(MountWrites):
         # after it no row can come back pointing at a blob we are about to unlink.
         self.meta.conn.execute("PRAGMA synchronous = FULL")
         try:
-            with self.meta.transaction():
-                self.meta.mark_durable([(i, b) for i, b in pairs if b in done])
-                # Never an empty commit: it would write no WAL frame and fsync nothing, and
-                # a delete committed at NORMAL could come back after a power loss pointing
-                # at a blob unlinked just below.
-                self.meta.note_flush(int(time.time()))
+            self._mark_durable(pairs, done)
         finally:
             if not self.sync:
                 self.meta.conn.execute("PRAGMA synchronous = NORMAL")
-        # A blob missing from `done` is gone: its row was deleted, replaced or rolled back
-        # before the flush (fsync_blobs raises on any other failure, keeping every pair).
         self.meta.forget_unflushed(pairs)
         for blob_id in doomed:
             self.data.remove_blob(blob_id)
         return len(done)
+
+    def _mark_durable(self, pairs: list[tuple[int, str]], done: set[str]) -> None:
+        with self.meta.transaction():
+            self.meta.mark_durable([(i, b) for i, b in pairs if b in done])
+            # Never an empty commit: it would write no WAL frame and fsync nothing, and a
+            # delete committed at NORMAL could come back after a power loss pointing at a
+            # blob unlinked just below.
+            self.meta.note_flush(int(time.time()))
 
     def sweep_expired(self) -> int:
         expired = self.meta.expired_sessions(int(time.time()))
