@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import hashlib
 import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -293,39 +293,94 @@ def _conflict_offset(r: httpx.Response) -> int | None:
 # --- get -----------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _output(target: str) -> Iterator[BinaryIO]:
-    """stdout for '-', else a temporary file renamed over ``target`` only on success."""
-    if target == "-":
-        yield sys.stdout.buffer
-        sys.stdout.buffer.flush()
-        return
-    dest = Path(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".artifactfs-part",
-                               dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            yield out
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+PART_SUFFIX = ".artifactfs-part"
+
+
+def _part_files(dest: Path) -> list[Path]:
+    """Partial downloads of ``dest`` left by an interrupted get: `.NAME.SHA256.artifactfs-part`,
+    named by the digest of the version they hold, so a resume asks for that version only."""
+    return sorted(dest.parent.glob(f".{glob.escape(dest.name)}.*{PART_SUFFIX}"))
+
+
+def _digest_of(etag: str | None) -> str | None:
+    """The sha256 the daemon's ETag carries (a quoted hex digest), else None."""
+    if etag and len(etag) == 66 and etag[0] == etag[-1] == '"':
+        return etag[1:-1]
+    return None
 
 
 def get(http: httpx.Client, args: argparse.Namespace) -> None:
+    """Download an artifact; into a file, resumably.
+
+    The bytes go to a partial file beside the target, named by the version's sha256, and
+    are renamed over the target only once complete and verified against that digest. An
+    interrupted get leaves the partial file; the next get of the same key asks for the rest
+    with Range and If-Range, so it continues only if the artifact is still that version
+    (else it starts over and removes the stale part).
+    """
     target = args.file if args.file is not None else args.key.rpartition("/")[2]
-    if target != "-" and Path(target).is_dir():
-        target = str(Path(target) / args.key.rpartition("/")[2])
-    with http.stream("GET", key_path(args.key) + ":content") as r:
-        if r.status_code >= 400:
+    if target == "-":
+        with http.stream("GET", key_path(args.key) + ":content") as r:
+            if r.status_code >= 400:
+                r.read()
+                _check(r)
+            total = int(r.headers.get("content-length", 0)) or None
+            with Transfer(f"get {args.key}", total) as bar:
+                for chunk in r.iter_bytes(GET_CHUNK):
+                    sys.stdout.buffer.write(chunk)
+                    bar.advance(len(chunk))
+            sys.stdout.buffer.flush()
+        return
+    dest = Path(target)
+    if dest.is_dir():
+        dest = dest / args.key.rpartition("/")[2]
+    parts = _part_files(dest)
+    part = parts[-1] if parts else None
+    have = part.stat().st_size if part is not None else 0
+    part_digest = part.name[:-len(PART_SUFFIX)].rpartition(".")[2] if part else None
+    headers: dict[str, str] = {}
+    if part is not None and have > 0:
+        headers = {"Range": f"bytes={have}-", "If-Range": f'"{part_digest}"'}
+    with http.stream("GET", key_path(args.key) + ":content", headers=headers) as r:
+        if r.status_code == 416 and part_digest is not None:
+            # If-Range matched and nothing is left past the part: it holds every byte (the
+            # check below says whether they are the right ones).
             r.read()
-            _check(r)
-        total = int(r.headers.get("content-length", 0)) or None
-        with _output(target) as out, Transfer(f"get {args.key}", total) as bar:
-            for chunk in r.iter_bytes(GET_CHUNK):
-                out.write(chunk)
-                bar.advance(len(chunk))
+            digest: str | None = part_digest
+            length = 0
+        else:
+            if r.status_code >= 400:
+                r.read()
+                _check(r)
+            digest = _digest_of(r.headers.get("etag"))
+            length = int(r.headers.get("content-length", 0))
+        if digest is None:
+            raise CommandError(f"{args.key}: the daemon sent no sha256 ETag; cannot verify")
+        resumed = r.status_code in (206, 416)
+        if resumed:
+            log.info("resuming %s at byte %d", args.key, have)
+        else:
+            have = 0
+        for stale in parts:
+            if not (resumed and stale == part):
+                stale.unlink(missing_ok=True)
+        part = dest.parent / f".{dest.name}.{digest}{PART_SUFFIX}"
+        hasher = hashlib.sha256()
+        with open(part, "ab" if resumed else "wb") as out:
+            if resumed:
+                with open(part, "rb") as prefix:
+                    while block := prefix.read(GET_CHUNK):
+                        hasher.update(block)
+            with Transfer(f"get {args.key}", (have + length) or None, done=have) as bar:
+                for chunk in r.iter_bytes(GET_CHUNK) if r.status_code != 416 else ():
+                    out.write(chunk)
+                    hasher.update(chunk)
+                    bar.advance(len(chunk))
+    if hasher.hexdigest() != digest:
+        part.unlink(missing_ok=True)
+        raise CommandError(f"{args.key}: the downloaded bytes do not match sha256"
+                           f" {digest[:12]}; the partial file was removed, run get again")
+    os.replace(part, dest)
 
 
 # --- ls, info, rm --------------------------------------------------------------------------

@@ -210,3 +210,60 @@ async def test_resumed_put_of_a_file_changed_meanwhile_is_an_error(
     # Run again: the file as it is now is a new upload, and then matches.
     r = await cli(server, tmp_path, "put", "big.bin", "changed.bin")
     assert r.stdout.decode().split()[2] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _part(tmp_path: Path, name: str, digest: str) -> Path:
+    """The partial file an interrupted `get` of ``name`` leaves beside it."""
+    return tmp_path / f".{name}.{digest}.artifactfs-part"
+
+
+async def test_interrupted_get_resumes_with_a_range_request(
+        server: Server, tmp_path: Path) -> None:
+    """An interrupted get leaves `.NAME.SHA256.artifactfs-part` holding the bytes it had; the
+    same get then asks only for the rest (Range + If-Range) and verifies the whole."""
+    data = random.Random(7).randbytes(5 * MiB + 3)
+    digest = hashlib.sha256(data).hexdigest()
+    await server.store.put_artifact("ckpt/model.bin", data)
+    _part(tmp_path, "model.bin", digest).write_bytes(data[:2 * MiB + 1])
+    r = await cli(server, tmp_path, "get", "ckpt/model.bin", ok=False)
+    assert r.returncode == 0, r.stderr.decode()
+    assert f"resuming ckpt/model.bin at byte {2 * MiB + 1}" in r.stderr.decode()
+    assert (tmp_path / "model.bin").read_bytes() == data
+    assert not _part(tmp_path, "model.bin", digest).exists()
+
+    # A part that already holds every byte: nothing left to fetch (416), it is verified and
+    # renamed into place.
+    (tmp_path / "model.bin").unlink()
+    _part(tmp_path, "model.bin", digest).write_bytes(data)
+    r = await cli(server, tmp_path, "get", "ckpt/model.bin", ok=False)
+    assert r.returncode == 0, r.stderr.decode()
+    assert (tmp_path / "model.bin").read_bytes() == data
+
+
+async def test_get_starts_over_when_the_artifact_changed_or_the_part_is_corrupt(
+        server: Server, tmp_path: Path) -> None:
+    old = random.Random(8).randbytes(3 * MiB)
+    new = random.Random(9).randbytes(3 * MiB + 5)
+    await server.store.put_artifact("data.bin", new)
+    # A part of a version that was replaced since: If-Range does not match, the daemon sends
+    # the whole new version and the stale part goes.
+    stale = _part(tmp_path, "data.bin", hashlib.sha256(old).hexdigest())
+    stale.write_bytes(old[:MiB])
+    await cli(server, tmp_path, "get", "data.bin")
+    assert (tmp_path / "data.bin").read_bytes() == new
+    assert not stale.exists()
+    assert list(tmp_path.glob(".data.bin.*")) == []
+
+    # A part whose bytes are damaged: the digest check refuses the result, keeps the target
+    # as it was, removes the part, and the next get succeeds from scratch.
+    (tmp_path / "data.bin").write_bytes(b"previous")
+    bad = bytearray(new[:MiB])
+    bad[100] ^= 0xFF
+    _part(tmp_path, "data.bin", hashlib.sha256(new).hexdigest()).write_bytes(bad)
+    r = await cli(server, tmp_path, "get", "data.bin", ok=False)
+    assert r.returncode == 1
+    assert "do not match sha256" in r.stderr.decode()
+    assert (tmp_path / "data.bin").read_bytes() == b"previous"
+    assert list(tmp_path.glob(".data.bin.*")) == []
+    await cli(server, tmp_path, "get", "data.bin")
+    assert (tmp_path / "data.bin").read_bytes() == new
