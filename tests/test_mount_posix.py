@@ -290,3 +290,51 @@ def test_rename_while_open_for_writing_commits_under_the_new_name(
     assert (workdir / "b" / "g.bin").read_bytes() == b"first half second half"
     assert mount.get(f"{workdir.name}/b/g.bin").json()["size"] == 22
     assert mount.get(f"{workdir.name}/a/f.bin").status_code == 404
+
+
+def test_listing_is_in_name_order_and_seekdir_returns_to_a_telldir(workdir: Path) -> None:
+    """Listings come in name order; telldir/seekdir work as on a disk, also to an offset
+    from long before the last reply (the mount then finds the place by counting)."""
+    import ctypes
+    import random
+
+    names = [f"e{i:04d}" for i in range(400)]
+    for n in random.Random(4).sample(names, len(names)):  # created out of order
+        (workdir / n).write_bytes(b"")
+    assert os.listdir(workdir) == names
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.opendir.restype = ctypes.c_void_p
+    libc.opendir.argtypes = [ctypes.c_char_p]
+    libc.readdir.restype = ctypes.c_void_p
+    libc.readdir.argtypes = [ctypes.c_void_p]
+    libc.telldir.restype = ctypes.c_long
+    libc.telldir.argtypes = [ctypes.c_void_p]
+    libc.seekdir.argtypes = [ctypes.c_void_p, ctypes.c_long]
+    libc.closedir.argtypes = [ctypes.c_void_p]
+    name_offset = 19  # struct dirent64: d_ino (8), d_off (8), d_reclen (2), d_type (1)
+
+    def read_all(dirp: int) -> list[str]:
+        out = []
+        while ent := libc.readdir(dirp):
+            out.append(ctypes.string_at(ent + name_offset).decode())
+        return [n for n in out if n not in (".", "..")]
+
+    dirp = libc.opendir(os.fsencode(workdir))
+    assert dirp
+    try:
+        marks: dict[str, int] = {}
+        seen: list[str] = []
+        while len(seen) < 300:
+            ent = libc.readdir(dirp)
+            name = ctypes.string_at(ent + name_offset).decode()
+            if name not in (".", ".."):
+                seen.append(name)
+                marks[name] = libc.telldir(dirp)  # the place after this entry
+        assert seen == names[:300]
+        libc.seekdir(dirp, marks["e0020"])  # hundreds of entries back
+        assert read_all(dirp) == names[21:]
+        libc.seekdir(dirp, marks["e0299"])
+        assert read_all(dirp) == names[300:]
+    finally:
+        libc.closedir(dirp)
