@@ -28,9 +28,14 @@ ENTRY_COLUMNS = (
 SESSION_COLUMNS = 'id, origin, key, entry_id, size, "offset", mime_type, created_at, expires_at'
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Entry:
-    """One path in the tree (a row of ``entries``)."""
+    """One path in the tree (a row of ``entries``).
+
+    Treat it as immutable: one Entry is shared by handles, replies and caches, so a change is
+    a copy (``dataclasses.replace``). Not ``frozen=True``, which enforced that at 2.0 us per
+    construction against 0.3 us: listing 100,000 entries builds 100,000 of them.
+    """
 
     id: int
     parent_id: int | None
