@@ -3,6 +3,8 @@ the rule-by-rule checks accept, so a key is never valid on one path and invalid 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -13,20 +15,20 @@ from artifactfs.models import MAX_KEY_BYTES, check_key_rules, validate_key
 _ALPHABET = "ab9_.-/ \x00é"
 
 
-def _accepted_by_rules(key: str) -> bool:
+def _accepts(check: Callable[[str], str], key: str) -> bool:
     try:
-        check_key_rules(key)
+        check(key)
     except InvalidKey:
         return False
     return True
 
 
 def _accepted(key: str) -> bool:
-    try:
-        validate_key(key)
-    except InvalidKey:
-        return False
-    return True
+    return _accepts(validate_key, key)
+
+
+def _accepted_by_rules(key: str) -> bool:
+    return _accepts(check_key_rules, key)
 
 
 @given(st.text(alphabet=_ALPHABET, max_size=12))
