@@ -10,6 +10,11 @@ inside a FUSE request; pyfuse3's invalidations block until related requests fini
 the writeback cache, until dirty pages are written back through this very daemon), so calling
 them inline could deadlock. One task drains the queue and makes each call in a worker thread,
 leaving the trio loop free to answer the requests the kernel sends meanwhile.
+
+Directory listings: the kernel keeps them (FOPEN_CACHE_DIR, operations.py ``opendir``) in the
+directory's pages and serves them without asking. Between a change and the moment the worker
+thread has dropped those pages, ``listing_stale`` tells ``opendir`` to have the kernel drop them
+at once, so a listing that starts after another face's request returned shows its change.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import errno
 import logging
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass
 
 import pyfuse3
@@ -45,17 +51,30 @@ class KernelCache:
 
     def __init__(self) -> None:
         self._send, self._receive = trio.open_memory_channel[Invalidation](math.inf)
+        # Directory inode -> invalidations of it queued or running (bounded by the queue).
+        self._pending: Counter[int] = Counter()
 
     def queue(self, item: Invalidation) -> None:
         """Never blocks (an unbounded queue), never calls the kernel."""
+        self._pending[item.parent] += 1
         self._send.send_nowait(item)
+
+    def listing_stale(self, dir_inode: int) -> bool:
+        """Whether the kernel may still hold a listing of this directory from before a
+        change (its invalidation is queued or running)."""
+        return dir_inode in self._pending
 
     async def run(self) -> None:
         async with self._receive:
             async for item in self._receive:
-                # Abandoned on cancel: at shutdown the kernel may hold the call until the
-                # unmount aborts the requests no one will answer any more.
-                await trio.to_thread.run_sync(invalidate, item, abandon_on_cancel=True)
+                try:
+                    # Abandoned on cancel: at shutdown the kernel may hold the call until the
+                    # unmount aborts the requests no one will answer any more.
+                    await trio.to_thread.run_sync(invalidate, item, abandon_on_cancel=True)
+                finally:
+                    self._pending[item.parent] -= 1
+                    if self._pending[item.parent] <= 0:
+                        del self._pending[item.parent]
 
 
 def invalidate(item: Invalidation) -> None:
@@ -65,9 +84,12 @@ def invalidate(item: Invalidation) -> None:
         _quietly(pyfuse3.invalidate_entry, item.parent, name, item.inode)
     else:
         # The old inode keeps its pages and size for whoever has it open; only the name and
-        # the directory's attributes change.
+        # the directory change.
         _quietly(pyfuse3.invalidate_entry, item.parent, name)
-    _quietly(pyfuse3.invalidate_inode, item.parent, True)
+    # The directory's attributes and its pages: those hold the listing the kernel keeps
+    # (FOPEN_CACHE_DIR, operations.py opendir), names and inode numbers, all now stale. A
+    # directory has no dirty pages, so this does not wait for writeback.
+    _quietly(pyfuse3.invalidate_inode, item.parent, False)
     log.debug("kernel cache invalidated: %s", item)
 
 

@@ -50,6 +50,10 @@ log = logging.getLogger("artifactfs.fs")
 # Entries per store query while listing a directory: one query per batch (PLATFORM.md).
 READDIR_BATCH = 512
 
+# pyfuse3 as built by scripts/setup (patches/) can set FOPEN_CACHE_DIR and FOPEN_NOFLUSH in
+# open replies; a stock pyfuse3 cannot, and the mount then works as before, only slower.
+OPEN_FLAGS = hasattr(pyfuse3.FileInfo, "cache_readdir") and hasattr(pyfuse3.FileInfo, "noflush")
+
 class Operations(pyfuse3.Operations):
     """The mount's request handlers (see the module docstring for open-file semantics)."""
 
@@ -80,6 +84,10 @@ class Operations(pyfuse3.Operations):
         # Called when the kernel's INIT arrives: from here on the mount answers requests.
         self.initialized.set()
         log.info("the kernel connected to the mount")
+        if not OPEN_FLAGS:
+            log.warning("pyfuse3 %s cannot keep directory listings in the kernel or skip "
+                        "FLUSH (not the build of scripts/setup): every listing and close "
+                        "reaches the daemon", pyfuse3.__version__)
 
     def _changed_elsewhere(self, change: Change) -> None:
         """The store's listener for changes made by another face. Runs inside the store's
@@ -181,10 +189,19 @@ class Operations(pyfuse3.Operations):
     # --- directories -----------------------------------------------------------------------
 
     @translated
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext
+                      ) -> pyfuse3.FileInfo | int:
         fh = next(self._next_fh)
         self._dirs[fh] = DirHandle(self.inodes.entry_id(inode))
-        return fh
+        if not OPEN_FLAGS:
+            return fh
+        # The kernel keeps what readdir returned (cache_readdir) across opendirs (keep_cache)
+        # and serves the next listing itself. It drops that cache when the directory changes
+        # through the mount (fuse_dir_changed); a change made by another face drops it through
+        # kernel_cache.py (the directory's pages hold the cache) a moment later, and until
+        # then an opendir here makes the kernel drop it at once (no keep_cache).
+        return pyfuse3.FileInfo(fh=fh, keep_cache=not self.cache.listing_stale(inode),
+                                cache_readdir=True)
 
     @translated
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -329,7 +346,8 @@ class Operations(pyfuse3.Operations):
             # the kernel walk the path again, so it opens what the name holds now (or finds
             # nothing there): a reader never sees ENOENT for a name that always existed.
             raise ArtifactError(f"inode {inode:#x} is gone", errno=errno.ESTALE) from None
-        if flags & os.O_ACCMODE == os.O_RDONLY:
+        read_only = flags & os.O_ACCMODE == os.O_RDONLY
+        if read_only:
             fd = self.store.open_read(e.id)
             h = FileHandle(inode=inode, entry_id=e.id, entry=e, fd=fd)
         elif flags & os.O_TRUNC:
@@ -345,7 +363,13 @@ class Operations(pyfuse3.Operations):
                            writable=True)
         # keep_cache: a committed artifact never changes under its inode except through this
         # mount (the kernel saw it); another face's change gets a new inode (inodes.py).
-        return pyfuse3.FileInfo(fh=self._add_handle(h), keep_cache=True)
+        fi = pyfuse3.FileInfo(fh=self._add_handle(h), keep_cache=True)
+        if OPEN_FLAGS and read_only:
+            # A reader never commits, so its FLUSH has nothing to do: with the writeback cache
+            # the kernel sends it anyway, and the patched pyfuse3 answers it without a task.
+            # Writable handles keep FLUSH: a file commits at its last writer's flush.
+            fi.noflush = True
+        return fi
 
     def _read_fd(self, h: FileHandle) -> int:
         if h.ws is not None:
