@@ -4,8 +4,9 @@ The mount asks the kernel to keep what readdir returned (FOPEN_CACHE_DIR, throug
 that scripts/setup builds from patches/), so a second `ls` of a directory does not reach the
 daemon. These tests list a directory (so the kernel holds its listing), change it through the
 mount or through the HTTP face, and check the very next listing: names, and the inode numbers
-a listing reports (`d_ino`), against what `lstat` says. No waiting anywhere: a listing that
-starts after a change was made (a syscall or an HTTP request returned) shows it.
+a listing reports (`d_ino`), against what `lstat` says. No waiting: a listing that starts after
+a change was made (a syscall or an HTTP request returned) shows it. (A pause, where there is
+one, lets the daemon's invalidation of the kernel's copy finish first, to test that path too.)
 
 Read-only opens ask for no FLUSH (FOPEN_NOFLUSH); the last test checks that a reader's close,
 among writers' closes, changes nothing a writer commits.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -128,6 +130,25 @@ def test_listing_follows_changes_made_over_http(workdir: Path, mount: Mount) -> 
     assert listed_twice(d / "deep" / "er") == ["x.bin"]
     mount.delete(f"{d.name}/deep/er/x.bin")
     assert listed_twice(d / "deep" / "er") == []  # the directory stays (DESIGN §1)
+
+
+def test_empty_directory_listed_then_filled_over_http(workdir: Path, mount: Mount) -> None:
+    # The kernel's copy of an empty listing has no pages for an invalidation to drop: the
+    # directory's mtime is what tells the kernel (operations.py, _dir_changes). Checked at
+    # once (the invalidation still queued) and after a pause (the invalidation done).
+    for pause in (0.0, 0.5):
+        d = workdir / f"empty-{pause}"
+        d.mkdir()
+        assert listed_twice(d) == []
+        mount.put(f"{key_of(mount, d)}/x.bin", b"x")
+        time.sleep(pause)
+        assert listed_twice(d) == ["x.bin"]
+        mount.delete(f"{key_of(mount, d)}/x.bin")
+        time.sleep(pause)
+        assert listed_twice(d) == []
+        mount.put(f"{key_of(mount, d)}/y.bin", b"y")
+        time.sleep(pause)
+        assert listed_twice(d) == ["y.bin"]
 
 
 def test_long_listing_changed_in_its_middle(workdir: Path, mount: Mount) -> None:

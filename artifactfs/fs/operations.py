@@ -73,6 +73,16 @@ class Operations(pyfuse3.Operations):
         # fstat answers what they were, with nlink 0, as on a disk, until the kernel forgets
         # the inode.
         self._removed_dirs: dict[int, Entry] = {}
+        # Directory entry id -> the number of the last change another face made to its
+        # entries, from one counter. Added to the mtime the mount reports (in ns): the kernel
+        # checks a kept listing against the directory's mtime at each opendir, and a listing
+        # kept of an empty directory has no pages for an invalidation to drop, so the mtime is
+        # what tells it. The store keeps directory mtimes still; this moves them by
+        # nanoseconds. One counter, so that a number forgotten with its inode (forget) is never
+        # reported again for that directory: FORGET may come after the kernel looked the
+        # directory up anew. One int per directory changed and not yet forgotten.
+        self._dir_changes: dict[int, int] = {}
+        self._change_numbers = itertools.count(1)
         # Counts names that went or changed (unlink, rmdir, rename, another face's change):
         # entries a readdir batch read before such a change are not handed to the kernel.
         self._removals = 0
@@ -95,6 +105,7 @@ class Operations(pyfuse3.Operations):
         self._removals += 1
         if change.parent_id is None:
             return
+        self._dir_changes[change.parent_id] = next(self._change_numbers)
         parent = self.inodes.inode(change.parent_id)
         if change.kind == "content":
             self.inodes.replace(change.entry_id)
@@ -108,8 +119,13 @@ class Operations(pyfuse3.Operations):
     # --- attributes and names --------------------------------------------------------------
 
     def _attrs(self, e: Entry) -> pyfuse3.EntryAttributes:
+        if not e.is_dir:
+            return entry_attributes(e, inode=self.inodes.inode(e.id))
+        changed = self._dir_changes.get(e.id)
+        if changed:
+            e = replace(e, mtime_ns=e.mtime_ns + changed)
         return entry_attributes(e, inode=self.inodes.inode(e.id),
-                                subdirs=self.store.subdir_count(e.id) if e.is_dir else 0)
+                                subdirs=self.store.subdir_count(e.id))
 
     def _current_entry(self, inode: int) -> Entry:
         """The entry behind a kernel inode that is still what the kernel thinks it is."""
@@ -151,6 +167,8 @@ class Operations(pyfuse3.Operations):
         # but what is kept of removed directories.
         for inode, _ in inode_list:
             self._removed_dirs.pop(inode, None)
+            # The kernel's listing went with the inode: the next one starts afresh.
+            self._dir_changes.pop(self.inodes.entry_id(inode), None)
 
     @translated
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
@@ -195,13 +213,17 @@ class Operations(pyfuse3.Operations):
         self._dirs[fh] = DirHandle(self.inodes.entry_id(inode))
         if not OPEN_FLAGS:
             return fh
+        if self.cache.listing_stale(inode):
+            # Another face changed the directory and the kernel has not yet been told
+            # (kernel_cache.py, a moment later): this listing comes from the daemon, and the
+            # kernel drops the pages of its copy (no keep_cache).
+            return pyfuse3.FileInfo(fh=fh, keep_cache=False)
         # The kernel keeps what readdir returned (cache_readdir) across opendirs (keep_cache)
-        # and serves the next listing itself. It drops that cache when the directory changes
-        # through the mount (fuse_dir_changed); a change made by another face drops it through
-        # kernel_cache.py (the directory's pages hold the cache) a moment later, and until
-        # then an opendir here makes the kernel drop it at once (no keep_cache).
-        return pyfuse3.FileInfo(fh=fh, keep_cache=not self.cache.listing_stale(inode),
-                                cache_readdir=True)
+        # and serves the next listing itself. It starts afresh when the directory changed
+        # through the mount (fuse_dir_changed) or when the mtime it gets after another face's
+        # change differs from the one it listed under (_dir_changes; the invalidation drops
+        # its attributes and pages).
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, cache_readdir=True)
 
     @translated
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -251,6 +273,7 @@ class Operations(pyfuse3.Operations):
         removed = self.store.lookup(parent, os.fsdecode(name))
         self.store.rmdir(parent, os.fsdecode(name))
         self._removed_dirs[self.inodes.inode(removed.id)] = removed
+        self._dir_changes.pop(removed.id, None)
 
     @translated
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
