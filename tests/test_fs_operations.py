@@ -119,6 +119,8 @@ async def test_reader_of_a_file_rewritten_in_the_mount_follows_it(ops: Operation
     ino = await write_file(ops, "f", b"old bytes")
     r = await ops.open(ino, os.O_RDONLY, CTX)
     w = await ops.open(ino, os.O_WRONLY | os.O_TRUNC, CTX)
+    # A reader needs no FLUSH; a writer commits at its last FLUSH.
+    assert r.noflush and not w.noflush
     await ops.write(w.fh, 0, b"new")
     assert await ops.read(r.fh, 0, 100) == b"new"  # one inode, one file, as on a disk
     await ops.flush(w.fh)
@@ -189,6 +191,24 @@ async def test_errors_carry_their_errno(ops: Operations) -> None:
     assert (await ops.getattr(d.st_ino, CTX)).st_nlink == 3
 
 
+async def test_directory_changed_elsewhere_is_listed_afresh(store: ArtifactStore) -> None:
+    ops = Operations(store, KernelCache())  # the real queue, not drained in this test
+    sub = await ops.mkdir(ROOT, b"sub", 0o755, CTX)
+    fi = await ops.opendir(sub.st_ino, CTX)
+    assert fi.cache_readdir and fi.keep_cache
+    await ops.releasedir(fi.fh)
+    await put(store, "sub/new.bin", b"new")
+    # Until the kernel has been told, opendir has it list from the daemon and drop its copy;
+    # the directory's mtime moved, so a copy the kernel kept is found stale at its next opendir.
+    fi = await ops.opendir(sub.st_ino, CTX)
+    assert not fi.cache_readdir and not fi.keep_cache
+    await ops.releasedir(fi.fh)
+    after = await ops.getattr(sub.st_ino, CTX)
+    assert after.st_mtime_ns > sub.st_mtime_ns
+    await put(store, "sub/new.bin", b"replaced")
+    assert (await ops.getattr(sub.st_ino, CTX)).st_mtime_ns > after.st_mtime_ns
+
+
 async def test_readdir_resumes_where_each_reply_stopped(
         ops: Operations, monkeypatch: pytest.MonkeyPatch) -> None:
     names = [f"f{i:04d}" for i in range(1200)]
@@ -206,7 +226,9 @@ async def test_readdir_resumes_where_each_reply_stopped(
         return True
 
     monkeypatch.setattr(ops_module.pyfuse3, "readdir_reply", reply)
-    fh = await ops.opendir(ROOT, CTX)
+    fi = await ops.opendir(ROOT, CTX)
+    assert isinstance(fi, pyfuse3.FileInfo) and fi.cache_readdir and fi.keep_cache
+    fh = fi.fh
     start = 0
     while True:
         room = 25  # about what a 4 KiB READDIRPLUS reply holds
