@@ -28,7 +28,6 @@ cycle that began after it (the first may end the cycle that was running).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import os
@@ -129,18 +128,20 @@ class Workload:
     def settle(self, keys: list[str], nudge: Callable[[], None]) -> None:
         """Make everything this thread did so far known durable, by waiting for a flush
         cycle that began after it (see the module docstring). ``nudge`` commits one more
-        change, so the flusher has work and the cycle comes."""
+        change before each of the two cycles waited for, so that the flusher has work in
+        them (a cycle with nothing to flush fsyncs nothing)."""
         before = self.lazy.fsyncs("data/meta.db")
         marks = {k: len(self.history[k].versions) - 1 for k in keys}
-        nudge()
         deadline = time.monotonic() + SETTLE_WAIT
-        while self.lazy.fsyncs("data/meta.db") < before + 2:
-            if self.stop.is_set():
-                raise PowerCut
-            if time.monotonic() > deadline:
-                self.stats.settle_timeouts += 1
-                return
-            time.sleep(0.05)
+        for cycles in (1, 2):
+            nudge()
+            while self.lazy.fsyncs("data/meta.db") < before + cycles:
+                if self.stop.is_set():
+                    raise PowerCut
+                if time.monotonic() > deadline:
+                    self.stats.settle_timeouts += 1
+                    return
+                time.sleep(0.05)
         for k, mark in marks.items():
             self.history[k].floor = max(self.history[k].floor, mark)
         self.stats.settles += 1
@@ -178,9 +179,12 @@ class Workload:
                         data = rng.randbytes(rng.randint(1, 2000))
                         self.attempt(k, data, lambda k=k, data=data: put(k, data))
                 elif op == "settle":
-                    nudge = rng.randbytes(100)
-                    self.settle(keys + burst_keys, lambda nudge=nudge: self.attempt(
-                        "h/nudge", nudge, lambda: put("h/nudge", nudge)))
+
+                    def nudge() -> None:
+                        data = rng.randbytes(100)
+                        self.attempt("h/nudge", data, lambda: put("h/nudge", data))
+
+                    self.settle(keys + burst_keys, nudge)
                 else:
                     data = rng.randbytes(rng.randint(0, rng.choice(SIZES)))
                     self.attempt(key, data, lambda key=key, data=data: put(key, data))
@@ -214,8 +218,12 @@ class Workload:
                 self.history[key].floor = len(self.history[key].versions) - 1
                 self.stats.fsync_closes += 1
             elif op == "settle":
-                self.settle(keys, lambda data=data: self.attempt(
-                    "m/nudge", data, lambda: write("m/nudge", data, False)))
+
+                def nudge() -> None:
+                    data = rng.randbytes(100)
+                    self.attempt("m/nudge", data, lambda: write("m/nudge", data, False))
+
+                self.settle(keys, nudge)
             else:
                 self.attempt(key, data, lambda key=key, data=data: write(key, data, False))
 
