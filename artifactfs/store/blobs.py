@@ -47,6 +47,8 @@ class DataDir:
         self.staging = root / "staging"
         self.db_path = root / "meta.db"
         self._lock_fd: int | None = None
+        # Whether one syncfs(2) may stand for many fsyncs here: set by acquire().
+        self.syncfs_works = False
         self.reserve = RESERVE_MIN
         self._free_seen = 0  # bytes free at the last statvfs
         self._free_seen_at = -SPACE_CHECK_INTERVAL  # time.monotonic() of it
@@ -80,6 +82,7 @@ class DataDir:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+        self.syncfs_works = _syncfs is not None and fs_type(self.root) in SYNCFS_WORKS_ON
         st = os.statvfs(self.root)
         self.reserve = min(RESERVE_MAX, max(RESERVE_MIN, st.f_blocks * st.f_frsize // 100))
 
@@ -248,9 +251,10 @@ class DataDir:
 
         Many blobs at once (a burst of small commits) take one syncfs instead: on ext4 every
         fsync is a journal commit, and 10,000 of them took longer than the burst itself
-        (docs/PERFORMANCE.md, "Store").
+        (docs/PERFORMANCE.md, "Store"). Only where syncfs is known to reach the disk
+        (SYNCFS_WORKS_ON): on a FUSE file system it returns at once having synced nothing.
         """
-        if len(blob_ids) >= SYNCFS_AT and _syncfs is not None:
+        if len(blob_ids) >= SYNCFS_AT and self.syncfs_works:
             # Existence first: a blob that exists now is covered by the syncfs that follows.
             present = [b for b in blob_ids if os.path.exists(self._blob(b))]
             syncfs(self._blobs_s)
@@ -272,12 +276,46 @@ class DataDir:
 
 # From this many blobs on, one syncfs(2) of the data directory's file system beats an fsync each.
 SYNCFS_AT = 32
+# File systems (statfs f_type) whose syncfs writes back and waits for every dirty page and
+# inode and commits their journal or log. Elsewhere syncfs may make nothing durable: the
+# kernel never sends a FUSE daemon a syncfs (FUSE_SYNCFS goes to virtiofs only), so on sshfs,
+# gocryptfs, s3fs or the tests' lazyfs only an fsync of each file reaches the daemon, and a
+# network file system's syncfs need not reach its server. There, fsync each blob.
+SYNCFS_WORKS_ON = {
+    0xEF53: "ext2/ext3/ext4",
+    0x58465342: "xfs",
+    0x9123683E: "btrfs",
+    0xF2F52010: "f2fs",
+    0x01021994: "tmpfs",  # nothing to reach: tmpfs holds nothing across a power loss
+}
+
+
+def fs_type(path: str | Path) -> int | None:
+    """statfs(2) f_type of the file system holding ``path``; None if it cannot be read."""
+    statfs = getattr(_libc, "statfs", None) if _libc is not None else None
+    if statfs is None:
+        return None
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86-64
+    if statfs(os.fsencode(path), buf) != 0:
+        return None
+    # f_type comes first, a C long (__fsword_t); magic numbers are 32-bit.
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
+def _load_libc() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+_libc = _load_libc()
 
 
 def _load_syncfs() -> Any:
     try:
-        fn = ctypes.CDLL(None, use_errno=True).syncfs
-    except (OSError, AttributeError):
+        fn = _libc.syncfs
+    except AttributeError:
         return None
     fn.argtypes = [ctypes.c_int]
     fn.restype = ctypes.c_int
