@@ -262,7 +262,7 @@ def test_lost_directory_rows_are_recreated(tmp_path: Path) -> None:
             models = store.lookup(ROOT_ID, "models")
             v1 = store.lookup(models.id, "v1")
             assert v1.is_dir
-            names = {e.name for e in store.readdir(v1.id, "", 100)}
+            names = {e.name for e in store.readdir(v1.id, 0, 100)}
             assert names == {"weights.bin", "config.json"}
 
     trio.run(walk)

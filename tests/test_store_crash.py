@@ -58,7 +58,7 @@ async def _child(data_dir: str, log_path: str, seed: int) -> None:
 
     async with open_store(data_dir, sync=seed % 3 == 0, flush_interval=0.02) as store:
         files = {a["key"]: a["sha256"] for a in await all_artifacts(store)}
-        dirs = {e.name for e in store.readdir(ROOT_ID, "", 1000) if e.is_dir}
+        dirs = {e.name for e in store.readdir(ROOT_ID, 0, 1000) if e.is_dir}
         print("ready", flush=True)
         seq = 0
         while True:
@@ -185,7 +185,7 @@ async def observe(store: ArtifactStore) -> State:
         assert len(content) == a["size"], f"{a['key']} is torn"
         assert sha(content) == a["sha256"], f"{a['key']} does not match its sha256"
         files[a["key"]] = a["sha256"]
-    dirs = frozenset(e.name for e in store.readdir(ROOT_ID, "", 1000) if e.is_dir)
+    dirs = frozenset(e.name for e in store.readdir(ROOT_ID, 0, 1000) if e.is_dir)
     return files, dirs
 
 

@@ -335,7 +335,7 @@ class Runner:
         stack = [(ROOT_ID, "")]
         while stack:
             node, key = stack.pop()
-            for e in store.readdir(node, "", 10_000):
+            for e in store.readdir(node, 0, 10_000):
                 assert e.key == (f"{key}/{e.name}" if key else e.name)
                 tree[e.key] = e.kind
                 if e.is_dir:

@@ -31,15 +31,7 @@ class FileHandle:
 
 @dataclass(eq=False)
 class DirHandle:
-    """One opendir: the directory, where its listing stands, and the entries a batch fetched
-    beyond the last reply.
-
-    Children are listed in name order. The offset the kernel gets for each entry (and hands
-    back to resume after it) is the entry's position in this listing, 1, 2, 3...; ``names``
-    maps the positions of the last reply to their names, so resuming is a search of the
-    (parent_id, name) index after that name. A position not among them (a seekdir to an old
-    telldir) resumes by counting instead.
-    """
+    """One opendir: the directory and the entries a batch fetched beyond the last reply."""
 
     entry_id: int
     after: int = -1
@@ -47,15 +39,6 @@ class DirHandle:
     complete: bool = False
     fetched_at: float = 0.0
     removals: int = 0
-    names: dict[int, str] = field(default_factory=dict)
-
-    def resume_name(self, position: int) -> str | None:
-        """The name to list after when resuming at ``position`` ('' at the start), or None
-        if this handle did not hand that position out in its last reply. Forgets the rest:
-        the kernel resumes from within the last reply."""
-        name = "" if position == 0 else self.names.get(position)
-        self.names = {} if name is None else {position: name}
-        return name
 
     def keep(self, after: int, entries: list[Entry], complete: bool, removals: int) -> None:
         self.after, self.pending, self.complete = after, entries, complete

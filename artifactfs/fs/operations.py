@@ -227,31 +227,24 @@ class Operations(pyfuse3.Operations):
 
     @translated
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        # Name order from a cursor (handles.py DirHandle): each batch is one range of the
-        # (parent_id, name) index, so a 100k-entry directory is not O(n^2) to page through.
+        # The cursor is the last entry id reported: stable while entries come and go, and
+        # each batch is one indexed query (no O(n^2) paging over a 100k-entry directory).
         # The kernel asks in 4 KiB replies (~25 entries with attributes), so what a batch
         # held beyond one reply waits on the handle for the next request.
         d = self._dirs[fh]
-        position = start_id
-        after = d.resume_name(position)
-        batch = d.take(position, self._removals)
+        after = start_id
+        batch = d.take(after, self._removals)
         while True:
             if batch is None:
-                if after is None:
-                    batch = self.store.readdir_from(d.entry_id, position, READDIR_BATCH)
-                else:
-                    batch = self.store.readdir(d.entry_id, after, READDIR_BATCH)
+                batch = self.store.readdir(d.entry_id, after, READDIR_BATCH)
                 complete = len(batch) < READDIR_BATCH
             else:
                 complete = d.complete
             for i, e in enumerate(batch):
-                if not pyfuse3.readdir_reply(token, os.fsencode(e.name), self._attrs(e),
-                                             position + 1):
-                    d.keep(position, batch[i:], complete, self._removals)
+                if not pyfuse3.readdir_reply(token, os.fsencode(e.name), self._attrs(e), e.id):
+                    d.keep(after, batch[i:], complete, self._removals)
                     return
-                position += 1
-                after = e.name
-                d.names[position] = after
+                after = e.id
             if complete:
                 return
             batch = None

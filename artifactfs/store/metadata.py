@@ -214,23 +214,11 @@ class Metadata:
         ).fetchone()
         return Entry(*row) if row else None
 
-    def children(self, parent_id: int, after_name: str, limit: int) -> list[Entry]:
-        """Children of a directory in name order after ``after_name`` ('' for the first): a
-        range of the (parent_id, name) index, so a cursor page costs the same at any depth."""
+    def children(self, parent_id: int, after_id: int, limit: int) -> list[Entry]:
         rows = self.conn.execute(
-            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE parent_id = ? AND name > ?"
-            " ORDER BY name LIMIT ?",
-            (parent_id, after_name, limit),
-        ).fetchall()
-        return [Entry(*r) for r in rows]
-
-    def children_from(self, parent_id: int, position: int, limit: int) -> list[Entry]:
-        """Children of a directory in name order from the ``position``-th (0-based): for a
-        cursor that no longer names an entry; costs a walk over the ``position`` before it."""
-        rows = self.conn.execute(
-            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE parent_id = ?"
-            " ORDER BY name LIMIT ? OFFSET ?",
-            (parent_id, limit, position),
+            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE parent_id = ? AND id > ?"
+            " ORDER BY id LIMIT ?",
+            (parent_id, after_id, limit),
         ).fetchall()
         return [Entry(*r) for r in rows]
 

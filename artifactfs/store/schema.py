@@ -58,10 +58,11 @@ CREATE TABLE IF NOT EXISTS entries (
 );
 -- Each committed artifact costs one page write in every index below that holds it; an index
 -- earns its place by turning a scan into a search (scripts/bench_store.py prints the plans).
--- Lookup of a name in a directory (the mount's lookup), the one-name-per-directory rule, and
--- readdir: children in name order from a cursor ('WHERE parent_id = ? AND name > ?' is a
--- range scan), and whether a directory has any child (rmdir).
+-- Lookup of a name in a directory (the mount's lookup) and the one-name-per-directory rule.
 CREATE UNIQUE INDEX IF NOT EXISTS entries_by_name ON entries(parent_id, name);
+-- readdir: children of one directory in id order; the rowid is the index's implicit last
+-- column, so 'WHERE parent_id = ? AND id > ? ORDER BY id' is a range scan (a stable cursor).
+CREATE INDEX IF NOT EXISTS entries_by_parent ON entries(parent_id);
 -- A directory's link count (2 + its subdirectories) without visiting its files: a directory
 -- of 100,000 files has few subdirectories.
 CREATE INDEX IF NOT EXISTS dirs_by_parent ON entries(parent_id) WHERE kind = 'dir';
@@ -78,8 +79,6 @@ CREATE INDEX IF NOT EXISTS pending_files ON entries(id) WHERE kind = 'file' AND 
 DROP INDEX IF EXISTS artifacts_by_key;
 DROP INDEX IF EXISTS entries_by_blob;
 DROP INDEX IF EXISTS entries_not_durable;
--- readdir used to page in id order through an index of its own; entries_by_name serves it.
-DROP INDEX IF EXISTS entries_by_parent;
 
 -- One row per upload session. The bytes received so far are in staging/<id>.
 --

@@ -60,17 +60,9 @@ class TreeOperations(StoreState):
             return replace(e, size=ws.size(), mtime_ns=ws.mtime_ns)
         return e
 
-    def readdir(self, parent_id: int, after_name: str, limit: int) -> list[Entry]:
-        """Children of a directory in name order, after the last name seen ('' to start)."""
-        return self._with_open_writes(self.meta.children(parent_id, after_name, limit))
-
-    def readdir_from(self, parent_id: int, position: int, limit: int) -> list[Entry]:
-        """Children of a directory in name order, skipping the first ``position``: for a reader
-        that resumes where no name marks its place (seekdir to an old offset)."""
-        return self._with_open_writes(self.meta.children_from(parent_id, position, limit))
-
-    def _with_open_writes(self, entries: list[Entry]) -> list[Entry]:
-        """Size and mtime of files being written are the staging file's, not the row's."""
+    def readdir(self, parent_id: int, after_id: int, limit: int) -> list[Entry]:
+        """Children of a directory after a cursor (an entry id), in id order."""
+        entries = self.meta.children(parent_id, after_id, limit)
         if self._writes:
             entries = [replace(e, size=ws.size(), mtime_ns=ws.mtime_ns)
                        if (ws := self._writes.get(e.id)) else e for e in entries]
