@@ -104,3 +104,20 @@ async def test_random_write_sequences(tmp_path: Path) -> None:
             await store.release_write(ws)
             a = await store.get_artifact(f"f{i}")
             assert (a.size, a.sha256) == (len(model), hashlib.sha256(model).hexdigest()), steps
+
+
+async def test_writes_after_an_empty_commit_keep_the_running_digest(tmp_path: Path) -> None:
+    """`dd of=F` opens F, dup2()s the descriptor and closes the first one, which commits F
+    empty; its writes then start a new session from that empty artifact. Nothing was copied,
+    so the running digest covers every byte and the commit need not read the file again."""
+    async with open_store(tmp_path / "data") as store:
+        e, ws = store.create_file(ROOT_ID, "dd.bin", 0o644, 0, 0)
+        await store.release_write(ws)  # the close of the first descriptor
+        ws = await store.open_write(e.id, truncate=False)
+        data = random.Random(3).randbytes(3 << 20)
+        for off in range(0, len(data), 1 << 20):
+            store.write(ws, data[off:off + (1 << 20)], off)
+        assert ws.running_digest(len(data)) is not None
+        await store.release_write(ws)
+        a = await store.get_artifact("dd.bin")
+        assert (a.size, a.sha256) == (len(data), hashlib.sha256(data).hexdigest())

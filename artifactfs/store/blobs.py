@@ -91,6 +91,11 @@ class DataDir:
             os.close(self._lock_fd)  # closing drops the flock
             self._lock_fd = None
 
+    def has_room(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more fit and leave the reserve free."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize - nbytes >= self.reserve
+
     def check_space(self, nbytes: int, what: str) -> None:
         """Raise NoSpace unless ``nbytes`` more fit and leave the reserve free."""
         now = time.monotonic()

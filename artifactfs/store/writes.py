@@ -137,7 +137,11 @@ class MountWrites(TreeOperations):
                 id=session_id, origin="mount", key=e.key, entry_id=entry_id, size=None,
                 offset=0, mime_type=e.mime_type or mime_type_for_name(e.name),
                 created_at=int(time.time()), expires_at=None))
-            if e.blob_id and not truncate:
+            # An empty artifact has nothing to copy, so the running digest still covers every
+            # byte: `dd of=F` opens F, dup2()s it and closes the first fd, which commits F
+            # empty; dd's writes then start this session, and hashing it again at commit
+            # cost ~1 s per GiB (docs/PERFORMANCE.md).
+            if e.blob_id and not truncate and e.size > 0:
                 ws.hasher = None  # starts from a copy: the commit hashes the whole file
                 self.data.check_space(e.size, f"rewriting {e.key}")
                 if e.size <= INLINE_IO_BYTES:
@@ -195,7 +199,9 @@ class MountWrites(TreeOperations):
     def write(self, ws: WriteSession, buf: bytes, offset: int) -> int:
         """Write into a file open for writing; a full disk fails the write and the file."""
         try:
-            self.data.check_space(len(buf), f"writing {self._key_of(ws)}")
+            if not self.data.has_room(len(buf)):
+                # The key only for the message: looking it up costs a query per WRITE.
+                self.data.check_space(len(buf), f"writing {self._key_of(ws)}")
             n = os.pwrite(ws.fd, buf, offset)
             ws.fed(buf, offset, n)
         except (NoSpace, OSError) as exc:
