@@ -6,7 +6,8 @@ lives here is the state of open files (file handles) that only the mount has.
 
 Open files: a read handle holds an fd on what the file was when it was opened (open_read);
 a writable handle shares its inode's ``WriteSession`` and writes into its staging file with
-``os.pwrite`` inline (PLATFORM.md: a thread hop per request costs more than it saves).
+``os.pwrite`` inline (PLATFORM.md: a thread hop per request costs more than it saves). Large
+READs are answered from a mapping of the file, not a copy (reading.py).
 
 Commit timing: the kernel sends RELEASE *after* close(2) has returned (asynchronously), so a
 program that closes a file and then asks the HTTP face for it could race the commit. The commit
@@ -43,6 +44,7 @@ from .attributes import entry_attributes
 from .handles import DirHandle, FileHandle
 from .inodes import InodeMap
 from .kernel_cache import Invalidation, KernelCache
+from .reading import read_reply
 from .translate import translated
 
 log = logging.getLogger("artifactfs.fs")
@@ -398,8 +400,9 @@ class Operations(pyfuse3.Operations):
         return h.fd
 
     @translated
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        return os.pread(self._read_fd(self._handles[fh]), size, off)
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+        # Nothing may await between this and the return: reading.py says why.
+        return read_reply(self._read_fd(self._handles[fh]), off, size)
 
     @translated
     async def write(self, fh: int, off: int, buf: bytes) -> int:
