@@ -48,9 +48,26 @@ def read_reply(fd: int, offset: int, size: int) -> bytes | memoryview:
     end = min(offset + size, os.fstat(fd).st_size)
     if end - offset < MAP_MIN_BYTES:
         return os.pread(fd, size, offset) if end > offset else b""
+    if not _resident(fd, end - 1):
+        # Not in the page cache yet (a cold read): pread, whose sequential read-ahead keeps
+        # the disk busy while the daemon replies. Faulting a mapping in read cold files at
+        # 0.6-0.7 GB/s where pread made 0.8-1.1 GB/s (same run, alternated).
+        return os.pread(fd, size, offset)
     base = offset & _PAGE_MASK
     # MAP_POPULATE maps every page in the mmap call, instead of one fault per 64 KiB while
     # the kernel copies the reply.
     m = mmap.mmap(fd, end - base, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
                   prot=mmap.PROT_READ, offset=base)
     return memoryview(m)[offset - base:end - base]
+
+
+_probe = memoryview(bytearray(1))
+
+
+def _resident(fd: int, offset: int) -> bool:
+    """Whether the byte at ``offset`` is in the page cache (a 1-byte read that may not wait);
+    read-ahead fills a range from its start, so its last byte stands for all of it."""
+    try:
+        return os.preadv(fd, [_probe], offset, os.RWF_NOWAIT) == 1
+    except BlockingIOError:
+        return False
