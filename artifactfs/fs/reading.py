@@ -15,14 +15,15 @@ Why this is safe:
   and drops its reference right after; the mapping is unmapped when that reference goes, so no
   mapping outlives its reply and the daemon's memory does not grow with what it serves.
 - Only the kernel reads the mapped bytes, inside ``writev``: were a page not backed by the file
-  (the file shorter than the mapping), the reply would fail with EFAULT (the reader gets EIO);
-  no Python code touches them, so there is no SIGBUS to kill the daemon.
+  (the file shorter than the mapping), that ``writev`` would fail with EFAULT; no Python code
+  touches them, so there is no SIGBUS to kill the daemon.
 - The file cannot shrink between the ``fstat`` that bounds the mapping and the reply: every
   truncate of a file the mount reads (a staging file, ``WriteSession``) runs on the trio thread,
   and committed blobs never change (docs/CONCURRENCY.md, invariant 6).
 
 Small READs (small files, the tail of a file) take ``pread``: mapping costs more than copying a
-few pages.
+few pages. So does a range not yet in the page cache (a cold read): ``pread`` keeps the fd's
+sequential read-ahead ahead of the reader, which faulting a mapping in did not.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import os
 
 # From this many bytes on, a READ is answered from a mapping. Measured here on a cached file:
 # mmap (MAP_POPULATE) + munmap 7-13 us up to 128 KiB, 23 us for 1 MiB; pread 2.5 us for
-# 16 KiB, 7-8 us for 64-128 KiB, 110 us for 1 MiB (a fresh buffer faulting its pages in).
+# 16 KiB, 7-8 us for 64-128 KiB, 110-130 us for 1 MiB (~2 ms when the fresh buffer's pages
+# fault in after a cache drop).
 MAP_MIN_BYTES = 128 << 10
 _PAGE_MASK = ~(mmap.ALLOCATIONGRANULARITY - 1)
 
