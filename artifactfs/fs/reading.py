@@ -28,6 +28,7 @@ sequential read-ahead ahead of the reader, which faulting a mapping in did not.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 
@@ -73,3 +74,7 @@ def _resident(fd: int, offset: int) -> bool:
         return os.preadv(fd, [_probe], offset, os.RWF_NOWAIT) == 1
     except BlockingIOError:
         return False
+    except OSError as exc:
+        # A data directory on tmpfs refuses RWF_NOWAIT (EOPNOTSUPP): its pages are memory,
+        # always resident. Any other error is left to the read that follows to report.
+        return exc.errno == errno.EOPNOTSUPP
