@@ -21,7 +21,7 @@ import fcntl
 import hashlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,13 +91,9 @@ class DataDir:
             os.close(self._lock_fd)  # closing drops the flock
             self._lock_fd = None
 
-    def has_room(self, nbytes: int) -> bool:
-        """Whether ``nbytes`` more fit and leave the reserve free."""
-        st = os.statvfs(self.root)
-        return st.f_bavail * st.f_frsize - nbytes >= self.reserve
-
-    def check_space(self, nbytes: int, what: str) -> None:
-        """Raise NoSpace unless ``nbytes`` more fit and leave the reserve free."""
+    def check_space(self, nbytes: int, what: str | Callable[[], str]) -> None:
+        """Raise NoSpace unless ``nbytes`` more fit and leave the reserve free. ``what`` names
+        the work in the message; a function is called only if the message is needed."""
         now = time.monotonic()
         if (now - self._free_seen_at < SPACE_CHECK_INTERVAL
                 and self._free_seen - self._granted - nbytes >= 2 * self.reserve):
@@ -107,6 +103,8 @@ class DataDir:
         free = st.f_bavail * st.f_frsize
         self._free_seen, self._free_seen_at, self._granted = free, now, 0
         if free - nbytes < self.reserve:
+            if callable(what):
+                what = what()
             raise NoSpace(
                 f"no space left for {what}: {free >> 20} MiB free on the file system of"
                 f" {self.root}, {self.reserve >> 20} MiB of it kept for the metadata;"

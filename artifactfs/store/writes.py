@@ -199,9 +199,8 @@ class MountWrites(TreeOperations):
     def write(self, ws: WriteSession, buf: bytes, offset: int) -> int:
         """Write into a file open for writing; a full disk fails the write and the file."""
         try:
-            if not self.data.has_room(len(buf)):
-                # The key only for the message: looking it up costs a query per WRITE.
-                self.data.check_space(len(buf), f"writing {self._key_of(ws)}")
+            # The key only for the message, if it is needed: a query per WRITE otherwise.
+            self.data.check_space(len(buf), lambda: f"writing {self._key_of(ws)}")
             n = os.pwrite(ws.fd, buf, offset)
             ws.fed(buf, offset, n)
         except (NoSpace, OSError) as exc:
