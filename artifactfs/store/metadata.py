@@ -302,6 +302,16 @@ class Metadata:
         mtime_ns: int,
         durable: bool,
     ) -> None:
+        if durable:
+            self.conn.execute("DELETE FROM superseded WHERE entry_id = ?", (entry_id,))
+        else:
+            # Keep the durable version this replaces until the new one is durable (schema.py);
+            # after an earlier replace that is not durable yet, keep that one's row.
+            self.conn.execute(
+                "INSERT OR IGNORE INTO superseded (entry_id, blob_id, size, sha256, mime_type,"
+                " created_at) SELECT id, blob_id, size, sha256, mime_type, created_at"
+                " FROM entries WHERE id = ? AND durable = 1 AND blob_id IS NOT NULL",
+                (entry_id,))
         self.conn.execute(
             "UPDATE entries SET blob_id = ?, size = ?, sha256 = ?, mime_type = ?,"
             " created_at = ?, mtime_ns = ?, ctime_ns = ?, durable = ? WHERE id = ?",
@@ -315,6 +325,47 @@ class Metadata:
 
     def delete_entry(self, entry_id: int) -> None:
         self.conn.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
+        self.conn.execute("DELETE FROM superseded WHERE entry_id = ?", (entry_id,))
+
+    def supersede_by_move(self, moved: Entry, target: Entry | None) -> None:
+        """``moved`` (a file) takes a new name, replacing ``target`` if any. The version to
+        fall back to, if ``moved`` is not durable yet, is then the target's durable one, if
+        any; never ``moved``'s own previous one, which belonged to the name it left."""
+        self.conn.execute("DELETE FROM superseded WHERE entry_id = ?", (moved.id,))
+        if (target is None or moved.durable or moved.blob_id is None
+                or target.blob_id is None):
+            return
+        if target.durable:
+            self.conn.execute(
+                "INSERT INTO superseded (entry_id, blob_id, size, sha256, mime_type,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (moved.id, target.blob_id, target.size, target.sha256, target.mime_type,
+                 target.created_at))
+        else:
+            self.conn.execute(
+                "INSERT INTO superseded (entry_id, blob_id, size, sha256, mime_type,"
+                " created_at) SELECT ?, blob_id, size, sha256, mime_type, created_at"
+                " FROM superseded WHERE entry_id = ?", (moved.id, target.id))
+
+    def superseded(self, entry_id: int) -> tuple[str, int, str, str | None, int | None] | None:
+        """(blob_id, size, sha256, mime_type, created_at) kept for ``entry_id``, if any."""
+        row = self.conn.execute(
+            "SELECT blob_id, size, sha256, mime_type, created_at FROM superseded"
+            " WHERE entry_id = ?", (entry_id,)).fetchone()
+        return None if row is None else (row[0], row[1], row[2], row[3], row[4])
+
+    def restore_superseded(self, entry_id: int) -> None:
+        """Put the kept durable version back into the entry (start-up, after a power loss
+        tore the newer bytes)."""
+        self.conn.execute(
+            "UPDATE entries SET (blob_id, size, sha256, mime_type, created_at, durable) ="
+            " (SELECT blob_id, size, sha256, mime_type, created_at, 1 FROM superseded"
+            "  WHERE entry_id = ?) WHERE id = ?", (entry_id, entry_id))
+        self.conn.execute("DELETE FROM superseded WHERE entry_id = ?", (entry_id,))
+
+    def forget_superseded(self, entry_ids: list[int]) -> None:
+        self.conn.executemany("DELETE FROM superseded WHERE entry_id = ?",
+                              [(i,) for i in entry_ids])
 
     def update_attrs(self, entry_id: int, **columns: int | str | None) -> None:
         assignments = ", ".join(f"{name} = ?" for name in columns)
@@ -391,10 +442,15 @@ class Metadata:
         return [Entry(*r) for r in rows]
 
     def mark_durable(self, pairs: list[tuple[int, str]]) -> None:
-        """Mark entries durable, but only if they still hold the blob that was fsynced."""
+        """Mark entries durable, but only if they still hold the blob that was fsynced; the
+        versions they superseded are then no longer needed."""
         self.conn.executemany(
             "UPDATE entries SET durable = 1 WHERE id = ? AND blob_id = ?", pairs
         )
+        self.conn.executemany(
+            "DELETE FROM superseded WHERE entry_id = ?"
+            " AND EXISTS (SELECT 1 FROM entries WHERE id = ? AND durable = 1)",
+            [(i, i) for i, _ in pairs])
 
     def note_flush(self, now: int) -> None:
         self.conn.execute(
@@ -405,7 +461,8 @@ class Metadata:
         """Every blob id a row points at, in order: the orphan scan merges it with the sorted
         blob directories, so memory stays flat at any size (one sort, no index)."""
         for (blob_id,) in self.conn.execute(
-                "SELECT blob_id FROM entries WHERE blob_id IS NOT NULL ORDER BY blob_id"):
+                "SELECT blob_id FROM entries WHERE blob_id IS NOT NULL"
+                " UNION SELECT blob_id FROM superseded ORDER BY 1"):
             yield blob_id
 
     def iter_artifacts(self) -> Iterator[Entry]:

@@ -72,7 +72,9 @@ def recover(store: ArtifactStore) -> None:
 
 
 def _verify_not_durable(store: ArtifactStore) -> None:
-    """Rows committed without fsync: keep those whose bytes survived, drop the others."""
+    """Rows committed without fsync: keep those whose bytes survived; for the others, put
+    back the durable version they replaced if it is intact (schema.py, `superseded`), else
+    drop them."""
     meta, data = store.meta, store.data
     after = 0
     while rows := meta.not_durable_after(after, 1000):
@@ -83,13 +85,24 @@ def _verify_not_durable(store: ArtifactStore) -> None:
             found = sha256_of_path(data.blob_path(e.blob_id))
             if found == (e.sha256, e.size):
                 good.append((e.id, e.blob_id))
+                continue
+            old = meta.superseded(e.id)
+            if old is not None and sha256_of_path(data.blob_path(old[0])) == (old[2], old[1]):
+                log.error("artifact %s lost its newest bytes in a power loss; its previous"
+                          " version is back", e.key)
+                data.fsync_blobs([old[0]])
+                with meta.transaction():
+                    meta.restore_superseded(e.id)
             else:
                 log.error("artifact %s lost its bytes in a crash; removing it", e.key)
                 meta.delete_entry(e.id)
-                data.remove_blob(e.blob_id)
+            data.remove_blob(e.blob_id)
         data.fsync_blobs([b for _, b in good])
         with meta.transaction():
             meta.mark_durable(good)
+    # What is left superseded a version that survived (now durable) or an entry gone: the
+    # old blobs become orphans, removed next.
+    meta.conn.execute("DELETE FROM superseded")
 
 
 def remove_orphan_blobs(store: ArtifactStore, *, dry_run: bool = False) -> int:

@@ -113,6 +113,28 @@ CREATE TABLE IF NOT EXISTS sessions (
     expires_at INTEGER
 ) WITHOUT ROWID;
 
+-- The durable version an artifact had before a replace that is not durable yet, one row per
+-- entry at most. A replace commits at synchronous=NORMAL and its new blob is fsynced by the
+-- flusher up to 2 s later; meanwhile any WAL fsync (the flusher's, a checkpoint, another
+-- file's fsync) can make the replacing row durable ahead of its bytes. If a power loss then
+-- tears those bytes, start-up puts this version back instead of losing the key
+-- (docs/RELIABILITY.md, found by tests/test_power_loss.py).
+--
+-- entry_id   the entry replaced; blob_id, size, sha256, mime_type, created_at: its durable
+--            version. Written in the replacing transaction when the entry held a durable
+--            version (a second replace before the flush keeps the first one's row); moved to
+--            the moved file when a rename replaces a file. Deleted in the transaction that
+--            marks the new version durable, or that deletes the entry. Its blob is on the
+--            doomed list (state.py), unlinked only after that transaction is on disk.
+CREATE TABLE IF NOT EXISTS superseded (
+    entry_id   INTEGER PRIMARY KEY,
+    blob_id    TEXT NOT NULL,
+    size       INTEGER NOT NULL,
+    sha256     TEXT NOT NULL,
+    mime_type  TEXT,
+    created_at INTEGER
+);
+
 -- Facts about the store itself: 'schema_version'; 'flushed_at' (Unix seconds of the last flush,
 -- written so that the flusher's synchronous=FULL commit is never empty: an empty commit
 -- writes no WAL frame and so fsyncs nothing).

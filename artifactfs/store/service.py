@@ -49,6 +49,8 @@ from .writes import MountWrites
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
+# Rows one flush makes durable at most (one fsync_blobs call, one transaction).
+FLUSH_BATCH = 10_000
 
 
 def _ancestors(key: str) -> list[str]:
@@ -550,12 +552,24 @@ class ArtifactStore(MountWrites):
         """
         total = 0
         while True:
-            pairs = self.meta.unflushed(10_000)
-            done = set(self.data.fsync_blobs([b for _, b in pairs]))
-            total += self._mark_flushed(pairs, done)
+            doomed, pairs, everything = self._flush_batch()
+            try:
+                done = set(self.data.fsync_blobs([b for _, b in pairs]))
+                # One FULL-synchronous commit fsyncs the WAL with every earlier transaction
+                # in it, so after it no row can come back pointing at a blob unlinked below.
+                self.meta.conn.execute("PRAGMA synchronous = FULL")
+                try:
+                    self._mark_durable(pairs, done)
+                finally:
+                    if not self.sync:
+                        self.meta.conn.execute("PRAGMA synchronous = NORMAL")
+            except BaseException:
+                self._doomed[:0] = doomed
+                raise
+            total += self._flushed(pairs, doomed, done)
             # More than one batch (a burst of commits): close() must leave none behind, or
             # the clean marker would skip their verification after a power loss.
-            if len(pairs) < 10_000:
+            if everything:
                 return total
 
     async def flush_async(self) -> int:
@@ -565,35 +579,40 @@ class ArtifactStore(MountWrites):
         thread (_sync_metadata), which makes that commit and every earlier one durable as a
         FULL commit would, without the trio thread (and every request) waiting on the fsync:
         under another process's heavy writes it took hundreds of ms."""
-        pairs = self.meta.unflushed(10_000)
-        if not pairs and not self._doomed:
+        doomed, pairs, _ = self._flush_batch()
+        if not pairs and not doomed:
             return 0
-        done = set(await trio.to_thread.run_sync(
-            self.data.fsync_blobs, [b for _, b in pairs]))
-        doomed, self._doomed = self._doomed, []
         try:
+            done = set(await trio.to_thread.run_sync(
+                self.data.fsync_blobs, [b for _, b in pairs]))
             self._mark_durable(pairs, done)
             await self._sync_metadata()
         except BaseException:
             self._doomed[:0] = doomed  # unlinked by the next flush that gets this far
             raise
-        # A blob missing from `done` is gone: its row was deleted, replaced or rolled back
-        # before the flush (fsync_blobs raises on any other failure, keeping every pair).
-        self.meta.forget_unflushed(pairs)
-        for blob_id in doomed:
-            self.data.remove_blob(blob_id)
-        return len(done)
+        return self._flushed(pairs, doomed, done)
 
-    def _mark_flushed(self, pairs: list[tuple[int, str]], done: set[str]) -> int:
+    def _flush_batch(self) -> tuple[list[str], list[tuple[int, str]], bool]:
+        """What one flush may finish: the rows to make durable and the blobs it may unlink
+        once they are, and whether that batch is every row not yet durable.
+
+        A blob is doomed by a delete or a replace, and the bytes of a replace are among the
+        rows not yet durable; the old blob may go only with a flush that covers every such
+        row as of its doom. So both are taken together here, before any wait (a replace
+        committed while the flush waits on the disk is not in its batch), and the doomed
+        are kept back when the batch is not all the rows. Else a power loss could find the
+        new row durable, its bytes torn and the old blob gone (tests/test_power_loss.py).
+        """
+        pairs = self.meta.unflushed(FLUSH_BATCH + 1)
+        everything = len(pairs) <= FLUSH_BATCH
+        if not everything:
+            return [], pairs[:FLUSH_BATCH], False
         doomed, self._doomed = self._doomed, []
-        # One FULL-synchronous commit fsyncs the WAL with every earlier transaction in it, so
-        # after it no row can come back pointing at a blob we are about to unlink.
-        self.meta.conn.execute("PRAGMA synchronous = FULL")
-        try:
-            self._mark_durable(pairs, done)
-        finally:
-            if not self.sync:
-                self.meta.conn.execute("PRAGMA synchronous = NORMAL")
+        return doomed, pairs, True
+
+    def _flushed(self, pairs: list[tuple[int, str]], doomed: list[str], done: set[str]) -> int:
+        # A blob missing from `done` was gone: its row was deleted, replaced or rolled back
+        # before the flush (fsync_blobs raises on any other failure, keeping every pair).
         self.meta.forget_unflushed(pairs)
         for blob_id in doomed:
             self.data.remove_blob(blob_id)

@@ -191,6 +191,8 @@ class TreeOperations(StoreState):
                                      errno=errno.ENAMETOOLONG)
             elif target is not None and target.is_dir:
                 raise Conflict(f"{target.key} is a directory", errno=errno.EISDIR)
+            if not src.is_dir:
+                self.meta.supersede_by_move(src, target)
             if target is not None:
                 self.meta.delete_entry(target.id)
             self.meta.move_entry(src.id, new_parent, new_name, new_key, time.time_ns())
