@@ -26,6 +26,8 @@ class FileHandle:
     # The inode's write session while this handle is one of its writers.
     ws: WriteSession | None = None
     writable: bool = False
+    # Opened as a version no longer at its name (replaced.py): writes never commit.
+    detached: bool = False
     lock: trio.Lock = field(default_factory=trio.Lock)
 
 

@@ -19,7 +19,8 @@ Within the mount one inode is one file, as on a disk: the kernel's page cache is
 handle of an inode, so a reader of a file being rewritten through the mount reads the writer's
 bytes, and after the commit its handle follows the new version. A reader keeps its old bytes
 when the name is replaced by rename or by another face (which gives the name a new inode,
-inodes.py), or when the file is unlinked.
+inodes.py), or when the file is unlinked. An open racing such a replacement gets one whole
+version, old or new, never ESTALE (replaced.py).
 
 Inode numbers are entry ids plus a version (inodes.py); every handler maps the kernel's inode to
 the entry id before asking the store.
@@ -37,7 +38,7 @@ from dataclasses import replace
 import pyfuse3
 import trio
 
-from ..errors import ArtifactError, NotFound
+from ..errors import ArtifactError
 from ..models import MAX_COMPONENT_BYTES
 from ..store import ArtifactStore, Change, Entry
 from .attributes import entry_attributes
@@ -45,6 +46,7 @@ from .handles import DirHandle, FileHandle
 from .inodes import InodeMap
 from .kernel_cache import Invalidation, KernelCache
 from .reading import read_reply
+from .replaced import ReplacedVersions
 from .translate import translated
 
 log = logging.getLogger("artifactfs.fs")
@@ -68,6 +70,7 @@ class Operations(pyfuse3.Operations):
         self.store = store
         self.cache = cache or KernelCache()
         self.inodes = InodeMap()
+        self.replaced = ReplacedVersions()
         self._handles: dict[int, FileHandle] = {}
         self._by_inode: dict[int, set[FileHandle]] = {}
         self._dirs: dict[int, DirHandle] = {}
@@ -110,10 +113,11 @@ class Operations(pyfuse3.Operations):
         self._dir_changes[change.parent_id] = next(self._change_numbers)
         parent = self.inodes.inode(change.parent_id)
         if change.kind == "content":
-            self.inodes.replace(change.entry_id)
+            self.replaced.retire(self.inodes.replace(change.entry_id), change.previous)
             self.cache.queue(Invalidation("name", parent, change.name))
         elif change.kind == "removed":
             old = self.inodes.remove(change.entry_id)
+            self.replaced.retire(old, change.previous)
             self.cache.queue(Invalidation("removed", parent, change.name, old))
         else:
             self.cache.queue(Invalidation("name", parent, change.name))
@@ -279,15 +283,13 @@ class Operations(pyfuse3.Operations):
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
         self._removals += 1
-        new_parent = self.inodes.entry_id(parent_inode_new)
-        try:
-            replaced: Entry | None = self.store.lookup(new_parent, os.fsdecode(name_new))
-        except ArtifactError:
-            replaced = None
-        self.store.rename(self.inodes.entry_id(parent_inode_old), os.fsdecode(name_old),
-                          new_parent, os.fsdecode(name_new), flags)
+        replaced = self.store.rename(
+            self.inodes.entry_id(parent_inode_old), os.fsdecode(name_old),
+            self.inodes.entry_id(parent_inode_new), os.fsdecode(name_new), flags)
         if replaced is not None and replaced.is_dir:
             self._removed_dirs[self.inodes.inode(replaced.id)] = replaced
+        elif replaced is not None:
+            self.replaced.retire(self.inodes.remove(replaced.id), replaced)
 
     @translated
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
@@ -353,17 +355,15 @@ class Operations(pyfuse3.Operations):
     @translated
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.FileInfo:
-        # An older version's inode (its name was replaced by another face and the kernel has
-        # not yet dropped the name): ESTALE makes the kernel look the name up again and open
-        # the new inode, never the new bytes under the old size.
+        retry = self.replaced.is_retry(ctx.pid)
         try:
             e = self._current_entry(inode)
-        except NotFound:
-            # The name was looked up, then replaced (rename over it) or removed before this
-            # open: on a disk the open would still get the inode the path named. ESTALE makes
-            # the kernel walk the path again, so it opens what the name holds now (or finds
-            # nothing there): a reader never sees ENOENT for a name that always existed.
-            raise ArtifactError(f"inode {inode:#x} is gone", errno=errno.ESTALE) from None
+        except ArtifactError as exc:
+            # An older version's inode, or its entry is gone: the name was replaced (by
+            # another face, or a rename over it) or removed since the kernel looked it up.
+            if exc.errno not in (errno.ENOENT, errno.ESTALE):
+                raise
+            return await self._open_replaced(inode, flags, ctx.pid, retry)
         read_only = flags & os.O_ACCMODE == os.O_RDONLY
         if read_only:
             fd = self.store.open_read(e.id)
@@ -379,15 +379,39 @@ class Operations(pyfuse3.Operations):
             # that first write, the handle writes on into them, as on a disk.
             h = FileHandle(inode=inode, entry_id=e.id, entry=e, fd=self.store.open_read(e.id),
                            writable=True)
+        return self._opened(h)
+
+    def _opened(self, h: FileHandle) -> pyfuse3.FileInfo:
         # keep_cache: a committed artifact never changes under its inode except through this
         # mount (the kernel saw it); another face's change gets a new inode (inodes.py).
         fi = pyfuse3.FileInfo(fh=self._add_handle(h), keep_cache=True)
-        if OPEN_FLAGS and read_only:
+        if OPEN_FLAGS and not h.writable:
             # A reader never commits, so its FLUSH has nothing to do: with the writeback cache
             # the kernel sends it anyway, and the patched pyfuse3 answers it without a task.
             # Writable handles keep FLUSH: a file commits at its last writer's flush.
             fi.noflush = True
         return fi
+
+    async def _open_replaced(self, inode: int, flags: int, pid: int, retry: bool
+                             ) -> pyfuse3.FileInfo:
+        """OPEN of a replaced version: ESTALE the first time, so the kernel looks the name up
+        again and opens what it holds now (never new bytes under the old inode's size); on the
+        kernel's one retry, that version itself (replaced.py says why)."""
+        previous = self.replaced.version(inode) if retry else None
+        if previous is None:
+            if not retry:
+                self.replaced.refused(pid)
+            raise ArtifactError(f"inode {inode:#x} was replaced", errno=errno.ESTALE)
+        if flags & os.O_ACCMODE != os.O_RDONLY and flags & os.O_TRUNC:
+            ws = await self.store.open_detached_write(previous.id, None)
+            h = FileHandle(inode=inode, entry_id=previous.id, entry=previous, ws=ws,
+                           writable=True, detached=True)
+        else:
+            h = FileHandle(inode=inode, entry_id=previous.id, entry=previous,
+                           fd=self.store.open_version(previous),
+                           writable=flags & os.O_ACCMODE != os.O_RDONLY, detached=True)
+        log.debug("open of replaced inode %#x (%s) on the kernel's retry", inode, previous.key)
+        return self._opened(h)
 
     def _read_fd(self, h: FileHandle) -> int:
         if h.ws is not None:
@@ -411,7 +435,9 @@ class Operations(pyfuse3.Operations):
             # The first write of a handle opened without O_TRUNC, or one written again after
             # its commit at flush (a dup'd fd, a shared mapping).
             async with h.lock:
-                if h.ws is None:
+                if h.ws is None and h.detached:
+                    h.ws = await self.store.open_detached_write(h.entry_id, h.fd)
+                elif h.ws is None:
                     h.ws = await self.store.open_write(h.entry_id, truncate=False,
                                                        unlinked_from=h.fd)
         return self.store.write(h.ws, buf, off)

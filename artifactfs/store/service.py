@@ -434,7 +434,7 @@ class ArtifactStore(MountWrites):
             if e.blob_id:
                 self._doom(e.blob_id)
             log.info("deleted %s", e.key)
-            self._notify(Change("removed", e.id, e.parent_id, e.name))
+            self._notify(Change("removed", e.id, e.parent_id, e.name, previous=e))
 
     # --- commit ----------------------------------------------------------------------------
 
@@ -533,10 +533,10 @@ class ArtifactStore(MountWrites):
             self._notify(Change("added", entry_id, parent_id, key.rpartition("/")[2]))
         else:
             if e.blob_id:
-                self._doom(e.blob_id)
+                self._doom(e.blob_id, replaced=True)
             else:
                 self._changed_keys()  # a file still being written in the mount joins the list
-            self._notify(Change("content", entry_id, e.parent_id, e.name))
+            self._notify(Change("content", entry_id, e.parent_id, e.name, previous=e))
         log.info("committed %s (%d bytes, sha256 %s)", key, size, sha[:12])
         return ArtifactResponse(
             key=key, mime_type=mime_type, uri=self.content_uri(key), size=size,
@@ -545,12 +545,15 @@ class ArtifactStore(MountWrites):
     # --- durability and expiry (background) -----------------------------------------------
 
     def flush(self) -> int:
-        """Make committed artifacts durable, then free the blobs of deleted ones.
+        """Make committed artifacts durable, then free the blobs of deleted ones, and of
+        replaced ones at once (this is the close path: no open can race a replacement any
+        more; the background flush_async waits out their grace).
 
         Runs the fsyncs inline: call it from a thread-tolerant place (close) or through
         flush_async. Returns how many rows became durable.
         """
         total = 0
+        self._end_grace(everything=True)
         while True:
             doomed, pairs, everything = self._flush_batch()
             try:
@@ -579,6 +582,7 @@ class ArtifactStore(MountWrites):
         thread (_sync_metadata), which makes that commit and every earlier one durable as a
         FULL commit would, without the trio thread (and every request) waiting on the fsync:
         under another process's heavy writes it took hundreds of ms."""
+        self._end_grace()
         doomed, pairs, _ = self._flush_batch()
         if not pairs and not doomed:
             return 0

@@ -36,6 +36,8 @@ class WriteSession:
     # so it must not commit (DESIGN §5: nothing half-committed); close reports ENOSPC.
     nospace: bool = False
     failed: BaseException | None = None
+    # Writes into a version no longer at its name (open_detached_write): never commits.
+    detached: bool = False
     # sha256 of bytes [0, hashed), fed by writes that arrived in order (cp, dd, a training
     # job saving a checkpoint), so the commit need not read the whole file again. None once
     # a write lands anywhere but at ``hashed``, or the file was truncated or copied into:

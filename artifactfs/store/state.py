@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import trio
 
 from .blobs import DataDir, sha256_of_fd
-from .metadata import Metadata, SessionRow
+from .metadata import Entry, Metadata, SessionRow
 from .sessions import WriteSession
 
 log = logging.getLogger("artifactfs.store")
@@ -24,6 +25,11 @@ log = logging.getLogger("artifactfs.store")
 # Below this, hashing or copying inline is cheaper than a thread hop (PLATFORM.md).
 INLINE_IO_BYTES = 4 << 20
 DEFAULT_SESSION_TTL = 24 * 3600
+# How long the bytes of a replaced version stay openable after the replacement (seconds).
+# An open(2) in the mount that raced the replacement names that version (the kernel looked the
+# name up just before), and the kernel retries an open only once (fs/replaced.py). Time-bound,
+# so the space it holds is bounded by the rate of replacements.
+REPLACED_GRACE = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,13 +37,16 @@ class Change:
     """A change made by a face other than the mount; the mount drops what the kernel cached.
 
     kind: 'content' (entry_id's bytes changed), 'removed' (name left parent_id),
-    'added' (name appeared in parent_id).
+    'added' (name appeared in parent_id). ``previous`` is the entry as it was before a
+    'content' or 'removed' change: the version an open racing the change may still get
+    (``open_version``).
     """
 
     kind: str
     entry_id: int
     parent_id: int | None
     name: str
+    previous: Entry | None = None
 
 
 class StoreState:
@@ -62,6 +71,9 @@ class StoreState:
         self._listeners: list[Callable[[Change], None]] = []
         # Blobs no row points at any more; unlinked once the change is durable (flush()).
         self._doomed: list[str] = []
+        # Blobs of replaced versions, openable until their deadline (time.monotonic()), then
+        # doomed; in deadline order (insertion order: the grace is a constant).
+        self._replaced: dict[str, float] = {}
         # list_artifacts cursors: (prefix, start_index) -> last key before that index, valid
         # while the set of keys is unchanged (generation), so paging is not O(n^2).
         self._generation = 0
@@ -82,10 +94,28 @@ class StoreState:
     def _changed_keys(self) -> None:
         self._generation += 1
 
-    def _doom(self, blob_id: str) -> None:
-        if self.sync:
+    def _doom(self, blob_id: str, *, replaced: bool = False) -> None:
+        """No row points at ``blob_id`` any more: free it once that change is durable.
+
+        A ``replaced`` version's bytes stay openable for REPLACED_GRACE first (open_version):
+        an open racing the replacement still gets them. A deleted one's do not: a delete
+        frees space at once (the way out of a full disk).
+        """
+        if replaced:
+            self._replaced[blob_id] = time.monotonic() + REPLACED_GRACE
+        elif self.sync:
             self.data.remove_blob(blob_id)
         else:
+            self._doomed.append(blob_id)
+
+    def _end_grace(self, *, everything: bool = False) -> None:
+        """Doom the replaced versions whose grace is over (all of them at close)."""
+        now = time.monotonic()
+        while self._replaced:
+            blob_id, deadline = next(iter(self._replaced.items()))
+            if deadline > now and not everything:
+                return
+            del self._replaced[blob_id]
             self._doomed.append(blob_id)
 
     def _drop_session(self, s: SessionRow) -> None:

@@ -200,7 +200,7 @@ class TreeOperations(StoreState):
                 self.meta.rekey_subtree(src.key, new_key)
         self._changed_keys()
         if target is not None and target.blob_id:
-            self._doom(target.blob_id)
+            self._doom(target.blob_id, replaced=True)
         log.info("renamed %s -> %s", src.key, new_key)
         return target
 

@@ -163,7 +163,16 @@ class MountWrites(TreeOperations):
         self._discard_write(ws)
         ws.ready.set()
 
-    async def _open_unlinked_write(self, entry_id: int, source_fd: int) -> WriteSession:
+    async def open_detached_write(self, entry_id: int, source_fd: int | None) -> WriteSession:
+        """Writes into a version of ``entry_id`` that is no longer at its name: an open(2) in
+        the mount that raced a replacement names it (fs/replaced.py). As on a disk after a
+        rename over the file, they go to that version, which is no file any more: a private
+        copy of ``source_fd`` (empty if None, for O_TRUNC) that vanishes at close. It is not
+        the entry's session (the entry may live on with newer bytes), so no one joins it."""
+        return await self._open_unlinked_write(entry_id, source_fd, detached=True)
+
+    async def _open_unlinked_write(self, entry_id: int, source_fd: int | None, *,
+                                   detached: bool = False) -> WriteSession:
         """As on a disk, a file unlinked (or replaced by rename) while open stays writable
         through the handles that have it open, and goes when the last one closes. The session
         starts from the bytes the handle has open; it has no row (no key to resume it under),
@@ -171,9 +180,13 @@ class MountWrites(TreeOperations):
         session_id = secrets.token_urlsafe(18)
         self.data.create_staging(session_id)
         fd = self.data.open_staging(session_id)
-        ws = WriteSession(id=session_id, entry_id=entry_id, fd=fd)
+        ws = WriteSession(id=session_id, entry_id=entry_id, fd=fd, detached=detached)
+        if not detached:
+            self._writes[entry_id] = ws
+        if source_fd is None:  # O_TRUNC: it starts empty
+            ws.ready.set()
+            return ws
         ws.hasher = None  # starts from a copy: the commit hashes the whole file
-        self._writes[entry_id] = ws
         try:
             size = os.fstat(source_fd).st_size
             self.data.check_space(size, f"rewriting unlinked entry {entry_id}")
@@ -242,8 +255,9 @@ class MountWrites(TreeOperations):
             ws.closed.set()
 
     async def _commit_write(self, ws: WriteSession) -> Entry | None:
-        if self.meta.entry(ws.entry_id) is None:
-            # Unlinked while open: as on a disk, the bytes go with the last handle.
+        if ws.detached or self.meta.entry(ws.entry_id) is None:
+            # Unlinked (or replaced) while open: as on a disk, the bytes go with the last
+            # handle.
             self._drop_write_session(ws)
             return None
         if ws.nospace:
@@ -310,9 +324,9 @@ class MountWrites(TreeOperations):
         if gone:
             assert e is not None
             self._changed_keys()
-            self._notify(Change("removed", e.id, e.parent_id, e.name))
+            self._notify(Change("removed", e.id, e.parent_id, e.name, previous=e))
         elif e is not None and e.is_artifact:
-            self._notify(Change("content", e.id, e.parent_id, e.name))
+            self._notify(Change("content", e.id, e.parent_id, e.name, previous=e))
 
     def _discard_write(self, ws: WriteSession) -> None:
         """Forget a write session without committing (failed open, or shutdown)."""
@@ -336,4 +350,18 @@ class MountWrites(TreeOperations):
         if e.blob_id is None:
             raise NotFound(f"{e.key} has no content yet")
         return self.data.open_blob(e.blob_id)
+
+    def open_version(self, e: Entry) -> int:
+        """A read-only fd on the bytes ``e`` held when it was read: a version that was at its
+        name a moment ago (Change.previous, or what rename replaced). Its bytes are kept while
+        the entry still holds them and for REPLACED_GRACE after a replacement; NotFound once
+        they are gone, and for a deleted version (a delete frees its space at once)."""
+        blob_id = e.blob_id
+        if blob_id is not None and blob_id not in self._replaced:
+            now = self.meta.entry(e.id)
+            if now is None or now.blob_id != blob_id:
+                blob_id = None
+        if blob_id is None:
+            raise NotFound(f"the version of {e.key} that was opened is gone")
+        return self.data.open_blob(blob_id)
 
