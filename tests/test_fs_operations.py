@@ -148,12 +148,57 @@ async def test_replace_by_another_face_gives_a_new_inode(
     # close(2) of the old version flushes its times: that must not fail.
     await ops.setattr(ino, pyfuse3.EntryAttributes(), fields(update_mtime=True), r.fh, CTX)
     await ops.release(r.fh)
-    assert await fuse_errno(ops.getattr(ino, CTX)) == errno.ESTALE
+    # Closed, the old inode is still what an open racing the replacement may get.
+    old = await ops.getattr(ino, CTX)
+    assert (old.st_size, old.st_nlink) == (11, 0)
     h = await ops.open(new.st_ino, os.O_RDONLY, CTX)
     assert await ops.read(h.fh, 0, 100) == b"version two, longer"
     await ops.release(h.fh)
     await store.delete_artifact("ckpt")
     assert cache.items[-1] == Invalidation("removed", ROOT, "ckpt", new.st_ino)
+
+
+async def test_only_the_kernels_retry_opens_a_replaced_version(
+        ops: Operations, store: ArtifactStore) -> None:
+    """The kernel retries an OPEN answered ESTALE once, from the same thread, after looking
+    the name up again; if the name was replaced again meanwhile, that retry gets the version
+    it names (replaced.py). Any other open of a replaced version is told to look again."""
+    ino = await write_file(ops, "f", b"one")
+    await put(store, "f", b"two")
+    a, b = SimpleNamespace(pid=101), SimpleNamespace(pid=202)
+    assert await fuse_errno(ops.open(ino, os.O_RDONLY, a)) == errno.ESTALE
+    assert await fuse_errno(ops.open(ino, os.O_RDONLY, b)) == errno.ESTALE
+    h = await ops.open(ino, os.O_RDONLY, a)
+    assert await ops.read(h.fh, 0, 100) == b"one"
+    await ops.release(h.fh)
+    # a's retry is used up: its next open of the replaced version is a new open(2) (which
+    # the kernel retries in turn; any open by a uses that retry up).
+    assert await fuse_errno(ops.open(ino, os.O_RDONLY, a)) == errno.ESTALE
+    current = await ops.lookup(ROOT, b"f", CTX)
+    await ops.release((await ops.open(current.st_ino, os.O_RDONLY, a)).fh)
+    assert await fuse_errno(ops.open(ino, os.O_RDONLY, a)) == errno.ESTALE
+    await ops.release((await ops.open(current.st_ino, os.O_RDONLY, a)).fh)
+    # b's retry writes: into that version, which is no file any more (as on a disk after a
+    # rename over it), so the bytes go at close and the key keeps what replaced it.
+    w = await ops.open(ino, os.O_WRONLY | os.O_TRUNC, b)
+    assert await ops.write(w.fh, 0, b"lost") == 4
+    assert await ops.read(w.fh, 0, 100) == b"lost"
+    await ops.flush(w.fh)
+    await ops.release(w.fh)
+    assert (await store.get_artifact("f")).sha256 == sha(b"two")
+    # A rename over a file retires it the same way.
+    target = await write_file(ops, "t", b"target")
+    await write_file(ops, "s", b"source")
+    await ops.rename(ROOT, b"s", ROOT, b"t", 0, CTX)
+    assert await fuse_errno(ops.open(target, os.O_RDONLY, a)) == errno.ESTALE
+    h = await ops.open(target, os.O_RDONLY, a)
+    assert await ops.read(h.fh, 0, 100) == b"target"
+    await ops.release(h.fh)
+    # A deleted version's bytes are not kept (a delete frees its space at once).
+    await store.delete_artifact("f")
+    await store.flush_async()
+    assert await fuse_errno(ops.open(current.st_ino, os.O_RDONLY, a)) == errno.ESTALE
+    assert await fuse_errno(ops.open(current.st_ino, os.O_RDONLY, a)) == errno.ENOENT
 
 
 async def test_unlinked_while_open(ops: Operations, store: ArtifactStore) -> None:

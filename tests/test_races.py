@@ -174,6 +174,65 @@ def test_delete_racing_readers(workdir: Path, mount: Mount) -> None:
             assert not p.exists()
 
 
+def reopen(held: int, flags: int) -> int:
+    """open(2) of the inode an O_PATH descriptor holds, through /proc/self/fd: the kernel sends
+    OPEN for that inode without looking its name up, and retries the same inode on ESTALE."""
+    return os.open(f"/proc/self/fd/{held}", flags)
+
+
+def test_open_of_a_name_replaced_during_the_open(workdir: Path, mount: Mount) -> None:
+    """open(2) looks the name up, then opens the inode it found. The kernel retries an open
+    answered ESTALE once, looking the name up again; a name replaced twice within one open
+    (once before each attempt's OPEN) used to fail it with ESTALE. Made deterministic here: an
+    O_PATH descriptor taken before the replacements holds the inode the lookup found, and
+    reopening it sends both attempts' OPEN for that inode, as the race does. The open gets
+    that version, whole, as on a disk, where an open racing a rename opens the inode its
+    lookup found; a fresh open by name gets the newest version."""
+    p = workdir / "ckpt.bin"
+    key = key_of(mount, p)
+    first, second, third = b"1" * 70_000, b"2" * 50_000, b"3" * 90_000
+    mount.put(key, first)
+    os.stat(p)  # the kernel caches the name and its inode
+    held = os.open(p, os.O_PATH)
+    try:
+        mount.put(key, second)
+        mount.put(key, third)
+        fd = reopen(held, os.O_RDONLY)  # ESTALE before the fix
+        try:
+            assert os.fstat(fd).st_size == len(first)
+            assert os.pread(fd, 1 << 20, 0) == first
+        finally:
+            os.close(fd)
+        assert p.read_bytes() == third
+        # Writing into that version writes into no file any more (as on a disk, into a file
+        # renamed over): close succeeds, the key keeps what replaced it.
+        fd = reopen(held, os.O_WRONLY | os.O_TRUNC)
+        try:
+            assert os.write(fd, b"into the old version") == 20
+        finally:
+            os.close(fd)
+        with mount.http() as c:
+            assert http_content(c, key) == third
+        assert p.read_bytes() == third
+    finally:
+        os.close(held)
+
+    # A rename over the name inside the mount, as checkpoint savers do.
+    tmp = workdir / "ckpt.tmp"
+    held = os.open(p, os.O_PATH)
+    try:
+        write(tmp, b"4" * 10)
+        os.rename(tmp, p)
+        fd = reopen(held, os.O_RDONLY)
+        try:
+            assert os.pread(fd, 1 << 20, 0) == third
+        finally:
+            os.close(fd)  # EIO before the fix: the kernel's ctime flush at the rename failed
+        assert p.read_bytes() == b"4" * 10
+    finally:
+        os.close(held)
+
+
 def test_http_overwrites_racing_mount_reads(workdir: Path, mount: Mount) -> None:
     p = workdir / "v.bin"
     key = key_of(mount, p)

@@ -156,14 +156,24 @@ class Operations(pyfuse3.Operations):
             removed = self._removed_dirs.get(inode)
             if removed is not None:
                 return entry_attributes(removed, inode=inode, nlink=0)
-            if not self._by_inode.get(inode):
+            if not self._is_detached(inode):
                 raise
         return self._detached_attrs(inode)
 
+    def _is_detached(self, inode: int) -> bool:
+        """Whether the kernel may still use ``inode`` though its name moved on: it has it open,
+        or it is a replaced version an open may yet get (replaced.py)."""
+        return bool(self._by_inode.get(inode)) or self.replaced.version(inode) is not None
+
     def _detached_attrs(self, inode: int) -> pyfuse3.EntryAttributes:
-        """fstat on a file unlinked or replaced while open: what its handles still read,
-        with nlink 0."""
-        h = next(iter(self._by_inode[inode]))
+        """fstat on a file unlinked or replaced while open (what its handles still read), or
+        on a replaced version: with nlink 0."""
+        handles = self._by_inode.get(inode)
+        if not handles:
+            previous = self.replaced.version(inode)
+            assert previous is not None
+            return entry_attributes(previous, inode=inode, nlink=0)
+        h = next(iter(handles))
         fd = h.ws.fd if h.ws is not None else h.fd
         e = h.entry if fd is None else replace(h.entry, size=os.fstat(fd).st_size)
         return entry_attributes(e, inode=inode, nlink=0)
@@ -183,11 +193,12 @@ class Operations(pyfuse3.Operations):
         try:
             return await self._setattr(inode, attr, fields)
         except ArtifactError as exc:
-            if exc.errno not in (errno.ENOENT, errno.ESTALE) or not self._by_inode.get(inode):
+            if exc.errno not in (errno.ENOENT, errno.ESTALE) or not self._is_detached(inode):
                 raise
         # Unlinked (or replaced) while open: no row is left to keep attributes on, yet with
-        # the writeback cache the kernel flushes the ctime it bumped at unlink when the file
-        # closes, and close(2) must not fail with EIO for that.
+        # the writeback cache the kernel flushes the ctime it bumped at unlink (or at a rename
+        # over the file) when the file closes, or at once, and a failure here would fail every
+        # later close(2) of the inode with EIO (the kernel keeps it as the mapping's error).
         return self._detached_attrs(inode)
 
     async def _setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
