@@ -91,7 +91,8 @@ def check_invariants(store: ArtifactStore) -> None:
         assert sha(content) == digest, f"{key}: blob digest differs from its row"
         used.add(blob_id)
     on_disk = set(store.data.iter_blob_ids())
-    assert on_disk <= used | set(store._doomed), f"orphan blobs: {on_disk - used}"
+    kept = set(store._doomed) | set(store._replaced)  # freed later (docs/CONCURRENCY.md)
+    assert on_disk <= used | kept, f"orphan blobs: {on_disk - used}"
     sessions = {r[0] for r in conn.execute("SELECT id FROM sessions")}
     staging = set(store.data.iter_staging_ids())
     assert staging <= sessions, f"staging files without a session: {staging - sessions}"

@@ -16,7 +16,6 @@ files in place, with fsync now and then, delete and rename.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import random
@@ -149,13 +148,8 @@ def test_load_through_mount_and_http(tmp_path: Path) -> None:
                     if key.startswith("h"):  # an HTTP client may have deleted it
                         continue
                     raise
-                except OSError as exc:
-                    # Known limit (docs/RELIABILITY.md): a name another face replaces twice
-                    # within one open() can answer ESTALE; counted, and kept rare below.
-                    if exc.errno == errno.ESTALE and key.startswith("h"):
-                        counts["estale"] += 1
-                        continue
-                    raise
+                # Nothing else: not even ESTALE for a name replaced twice within one open(2)
+                # (the kernel retries once; fs/replaced.py answers its retry).
                 with model.lock:
                     known = sha(data) in model.versions[key]
                 assert known, (
@@ -236,7 +230,6 @@ def test_load_through_mount_and_http(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
     assert counts["writes"] > 100 and counts["reads"] > 100 and counts["http"] > 50, counts
-    assert counts["estale"] * 100 <= counts["reads"], f"ESTALE is not rare: {counts}"
     # Memory is flat: after warm-up, the last quarter of the run does not sit well above
     # the second quarter (allocator noise and caches settle in the first).
     q = len(rss) // 4

@@ -271,7 +271,6 @@ def test_many_clients_in_one_directory(tmp_path: Path) -> None:
     """Creates, renames, deletes, mkdir/rmdir from 6 mount threads and 2 HTTP clients."""
     names = [f"n{i}" for i in range(8)]
     written: set[bytes] = set()
-    stale: list[str] = []
     lock = threading.Lock()
     duration = 3.0 * SCALE
 
@@ -311,12 +310,8 @@ def test_many_clients_in_one_directory(tmp_path: Path) -> None:
                     else:
                         os.rmdir(d / a)
                 except OSError as exc:
-                    if exc.errno == errno.ESTALE:
-                        # Known limit (docs/RELIABILITY.md §5): the name was replaced twice
-                        # within this one open(); counted and required rare below.
-                        with lock:
-                            stale.append(op)
-                        continue
+                    # Never ESTALE, though the HTTP clients and the renames replace these
+                    # names many times within some opens (fs/replaced.py).
                     assert exc.errno in allowed, (op, a, b, exc)
             return ops
 
@@ -342,7 +337,6 @@ def test_many_clients_in_one_directory(tmp_path: Path) -> None:
         for n in counts:
             assert isinstance(n, int), n
         assert sum(counts) > 100, counts
-        assert len(stale) * 100 <= sum(counts), f"ESTALE is not rare: {len(stale)}, {counts}"
 
         with m.http() as c:
             listed = {a["key"].removeprefix("shared/"): a for a in

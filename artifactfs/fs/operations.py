@@ -288,7 +288,8 @@ class Operations(pyfuse3.Operations):
     @translated
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._removals += 1
-        self.store.unlink(self.inodes.entry_id(parent_inode), os.fsdecode(name))
+        removed = self.store.unlink(self.inodes.entry_id(parent_inode), os.fsdecode(name))
+        self.replaced.retire(self.inodes.inode(removed.id), removed)
 
     @translated
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
@@ -300,7 +301,7 @@ class Operations(pyfuse3.Operations):
         if replaced is not None and replaced.is_dir:
             self._removed_dirs[self.inodes.inode(replaced.id)] = replaced
         elif replaced is not None:
-            self.replaced.retire(self.inodes.remove(replaced.id), replaced)
+            self.replaced.retire(self.inodes.inode(replaced.id), replaced)
 
     @translated
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
@@ -357,6 +358,7 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self.replaced.forget_retry(ctx.pid)  # an O_CREAT open retried: it creates instead
         e, ws = self.store.create_file(self.inodes.entry_id(parent_inode), os.fsdecode(name),
                                        mode, ctx.uid, ctx.gid)
         h = FileHandle(inode=self.inodes.inode(e.id), entry_id=e.id, entry=e, ws=ws,
@@ -412,7 +414,9 @@ class Operations(pyfuse3.Operations):
         if previous is None:
             if not retry:
                 self.replaced.refused(pid)
-            raise ArtifactError(f"inode {inode:#x} was replaced", errno=errno.ESTALE)
+            raise ArtifactError(f"inode {inode:#x} was replaced ("
+                                + ("version unknown" if retry else "the kernel will retry")
+                                + f", thread {pid})", errno=errno.ESTALE)
         if flags & os.O_ACCMODE != os.O_RDONLY and flags & os.O_TRUNC:
             ws = await self.store.open_detached_write(previous.id, None)
             h = FileHandle(inode=inode, entry_id=previous.id, entry=previous, ws=ws,
@@ -501,6 +505,7 @@ class Operations(pyfuse3.Operations):
             # Written through an inode another face had replaced meanwhile: the kernel's
             # current inode for the name holds the other version's size.
             old = self.inodes.replace(committed.id)
+            self.replaced.retire(old, ws.replaced)
             self.cache.queue(Invalidation("name", self.inodes.inode(committed.parent_id or 0),
                                           committed.name, old))
 

@@ -29,8 +29,10 @@ from ..store import Entry
 # Replaced versions remembered (newest kept): the retry follows its ESTALE within a request or
 # two, so this only bounds memory under a storm of replacements.
 RETIRED_MAX = 1024
-# A thread's pending retry is forgotten after this long (seconds), or when it opens anything:
-# a retry that never came (its second lookup found no name) must not serve a later open.
+# A thread's pending retry is forgotten after this long (seconds), or when it opens or creates
+# anything: a retry that never came (its lookups found no name) must not serve a later open.
+# Not when a lookup fails: after a failed revalidation the kernel looks the name up once more
+# and may still send the retry's OPEN (measured: LOOKUP, LOOKUP, then OPEN or CREATE).
 RETRY_WINDOW = 5.0
 RETRYING_MAX = 1024
 
@@ -66,3 +68,8 @@ class ReplacedVersions:
         Every OPEN asks, so a retry is used up by the thread's next open, whatever it names."""
         refused_at = self._retrying.pop(pid, None)
         return refused_at is not None and time.monotonic() - refused_at < RETRY_WINDOW
+
+    def forget_retry(self, pid: int) -> None:
+        """Thread ``pid``'s retried open(2) created the file instead (its name was gone)."""
+        if self._retrying:
+            self._retrying.pop(pid, None)

@@ -11,9 +11,12 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
+
+if TYPE_CHECKING:
+    from .metadata import Entry
 
 
 @dataclass(eq=False)
@@ -38,6 +41,9 @@ class WriteSession:
     failed: BaseException | None = None
     # Writes into a version no longer at its name (open_detached_write): never commits.
     detached: bool = False
+    # The committed entry the commit replaced (set by the commit): a version an open that
+    # raced it may still get (fs/replaced.py).
+    replaced: Entry | None = None
     # sha256 of bytes [0, hashed), fed by writes that arrived in order (cp, dd, a training
     # job saving a checkpoint), so the commit need not read the whole file again. None once
     # a write lands anywhere but at ``hashed``, or the file was truncated or copied into:

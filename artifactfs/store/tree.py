@@ -142,8 +142,9 @@ class TreeOperations(StoreState):
             self.meta.delete_entry(e.id)
         self._changed_keys()
 
-    def unlink(self, parent_id: int, name: str) -> None:
-        """Remove a file (committed or being written) or a symlink, as rm does."""
+    def unlink(self, parent_id: int, name: str) -> Entry:
+        """Remove a file (committed or being written) or a symlink, as rm does; returns what
+        was removed."""
         with self.meta.transaction():
             e = self.meta.child(parent_id, name)
             if e is None:
@@ -155,6 +156,7 @@ class TreeOperations(StoreState):
         if e.blob_id:
             self._doom(e.blob_id)
         log.info("deleted %s", e.key)
+        return e
 
     def rename(self, old_parent: int, old_name: str, new_parent: int, new_name: str,
                flags: int = 0) -> Entry | None:

@@ -290,7 +290,8 @@ class MountWrites(TreeOperations):
         if e.blob_id is None:
             self._changed_keys()  # a new artifact joins the listing
         else:
-            self._doom(e.blob_id)
+            self._doom(e.blob_id, replaced=True)
+            ws.replaced = e
         log.info("committed %s (%d bytes, sha256 %s) from the mount", e.key, size, sha[:12])
         if durable and not self.sync:
             await self._sync_metadata()
