@@ -156,14 +156,11 @@ class Operations(pyfuse3.Operations):
             removed = self._removed_dirs.get(inode)
             if removed is not None:
                 return entry_attributes(removed, inode=inode, nlink=0)
-            if not self._is_detached(inode):
+            # Not for a replaced version no one has open: a stat through a name the kernel
+            # has not dropped yet must find it gone (ENOENT makes the kernel look again).
+            if not self._by_inode.get(inode):
                 raise
         return self._detached_attrs(inode)
-
-    def _is_detached(self, inode: int) -> bool:
-        """Whether the kernel may still use ``inode`` though its name moved on: it has it open,
-        or it is a replaced version an open may yet get (replaced.py)."""
-        return bool(self._by_inode.get(inode)) or self.replaced.version(inode) is not None
 
     def _detached_attrs(self, inode: int) -> pyfuse3.EntryAttributes:
         """fstat on a file unlinked or replaced while open (what its handles still read), or
@@ -193,12 +190,14 @@ class Operations(pyfuse3.Operations):
         try:
             return await self._setattr(inode, attr, fields)
         except ArtifactError as exc:
-            if exc.errno not in (errno.ENOENT, errno.ESTALE) or not self._is_detached(inode):
+            if exc.errno not in (errno.ENOENT, errno.ESTALE) or not (
+                    self._by_inode.get(inode) or self.replaced.version(inode)):
                 raise
-        # Unlinked (or replaced) while open: no row is left to keep attributes on, yet with
-        # the writeback cache the kernel flushes the ctime it bumped at unlink (or at a rename
-        # over the file) when the file closes, or at once, and a failure here would fail every
-        # later close(2) of the inode with EIO (the kernel keeps it as the mapping's error).
+        # Unlinked (or replaced) while open, or a replaced version an open may yet get
+        # (replaced.py): no row is left to keep attributes on, yet with the writeback cache
+        # the kernel flushes the ctime it bumped at unlink (or at a rename over the file), at
+        # once or when the file closes, and a failure here would fail every later close(2) of
+        # the inode with EIO (the kernel keeps it as the mapping's error).
         return self._detached_attrs(inode)
 
     async def _setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
