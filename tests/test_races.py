@@ -9,6 +9,8 @@ by a barrier, so the interleavings differ from run to run.
 - a delete racing a reader: the reader either could not open the file or read all of it;
 - an HTTP overwrite racing mount reads: every read returns one whole version, and versions
   never go backwards;
+- an open whose name is replaced (twice, or by a rename) during the open: it opens the version
+  its lookup found, whole, never ESTALE (made deterministic through /proc/self/fd);
 - many clients creating, renaming and deleting in one directory: the faces agree, every file
   holds bytes one writer wrote (no content lost twice or found twice), fsck is clean.
 """

@@ -156,11 +156,24 @@ class Operations(pyfuse3.Operations):
             removed = self._removed_dirs.get(inode)
             if removed is not None:
                 return entry_attributes(removed, inode=inode, nlink=0)
-            # Not for a replaced version no one has open: a stat through a name the kernel
-            # has not dropped yet must find it gone (ENOENT makes the kernel look again).
             if not self._by_inode.get(inode):
-                raise
+                self._getattr_replaced(inode, ctx, exc)
         return self._detached_attrs(inode)
+
+    def _getattr_replaced(self, inode: int, ctx: pyfuse3.RequestContext | None,
+                          exc: ArtifactError) -> None:
+        """GETATTR of a replaced version no one has open. The kernel asks it between the
+        lookup and the OPEN of an open(2) (a permission check), and for stat(2): as for OPEN
+        (replaced.py), the first time is ESTALE, so a stat through a name the kernel has not
+        dropped yet looks again and finds the name gone or replaced; on the kernel's retry it
+        answers for that version (nlink 0), so the retried OPEN can follow. Returns only by
+        letting the caller answer; raises otherwise."""
+        if self.replaced.version(inode) is None or ctx is None:
+            raise exc
+        if not self.replaced.retrying(ctx.pid):
+            self.replaced.refused(ctx.pid)
+            raise ArtifactError(f"inode {inode:#x} was replaced (the kernel will retry,"
+                                f" thread {ctx.pid})", errno=errno.ESTALE)
 
     def _detached_attrs(self, inode: int) -> pyfuse3.EntryAttributes:
         """fstat on a file unlinked or replaced while open (what its handles still read), or

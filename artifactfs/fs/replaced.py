@@ -14,9 +14,13 @@ for a moment, until kernel_cache.py drops it). The same thread's next OPEN is th
 (the request header carries the calling thread's id, and the retry is made by that thread within
 the same system call); if it names a replaced version, it gets that version, which was at its
 name during this open(2): a serial outcome, as on a disk, where an open racing a rename opens the
-inode its lookup found. Reading reads that version whole (the store keeps a replaced version's
-bytes for a grace period, ``open_version``); writing writes into a private copy that vanishes at
-close, as writes into a file renamed over do on a disk (``open_detached_write``).
+inode its lookup found. The kernel may also ask GETATTR of the inode between the lookup and the
+OPEN (a permission check; measured under load): the same rule holds for it, except that it does
+not use the retry up, since the retried OPEN follows it.
+
+Reading reads that version whole (the store keeps a replaced version's bytes for a grace
+period, ``open_version``); writing writes into a private copy that vanishes at close, as writes
+into a file renamed over do on a disk (``open_detached_write``).
 """
 
 from __future__ import annotations
@@ -57,11 +61,18 @@ class ReplacedVersions:
         return self._retired.get(inode)
 
     def refused(self, pid: int) -> None:
-        """An OPEN from thread ``pid`` was answered ESTALE: the kernel will retry it."""
+        """An OPEN or GETATTR from thread ``pid`` was answered ESTALE: the kernel will retry
+        its system call once."""
         self._retrying.pop(pid, None)
         self._retrying[pid] = time.monotonic()
         while len(self._retrying) > RETRYING_MAX:
             del self._retrying[next(iter(self._retrying))]
+
+    def retrying(self, pid: int) -> bool:
+        """Whether thread ``pid`` is in the kernel's retry of a request answered ESTALE; only
+        its OPEN uses the retry up (the kernel's retried walk asks GETATTR first)."""
+        refused_at = self._retrying.get(pid)
+        return refused_at is not None and time.monotonic() - refused_at < RETRY_WINDOW
 
     def is_retry(self, pid: int) -> bool:
         """Whether an OPEN from thread ``pid`` is the kernel's retry of one answered ESTALE.
