@@ -18,7 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mountutil import READY_TIMEOUT, cannot_mount, check_can_mount, is_mounted, read_line
+from mountutil import (
+    READY_TIMEOUT,
+    cannot_mount,
+    check_can_mount,
+    fusermount_u,
+    is_mounted,
+    read_line,
+)
 
 LAZYFS = Path(__file__).with_name("lazyfs.py")
 
@@ -52,12 +59,7 @@ class Lazy:
 
 
 def unmount_lazy(mount_point: Path, proc: subprocess.Popen[bytes]) -> None:
-    if is_mounted(mount_point):
-        r = subprocess.run(["fusermount3", "-u", os.fspath(mount_point)],
-                           capture_output=True, check=False)
-        if r.returncode != 0:
-            subprocess.run(["fusermount3", "-u", "-z", os.fspath(mount_point)],
-                           capture_output=True, check=False)
+    fusermount_u(mount_point)
     if proc.stdin is not None:
         with contextlib.suppress(OSError):
             proc.stdin.close()  # lazyfs unmounts itself when its stdin closes

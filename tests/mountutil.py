@@ -131,14 +131,19 @@ def read_line(fd: int, timeout: float) -> str:
     return data.decode(errors="replace").strip()
 
 
-def unmount(mount_point: Path, proc: subprocess.Popen[bytes] | None) -> None:
-    """Unmount and end the daemon this test started; never leaves a mount behind."""
+def fusermount_u(mount_point: Path) -> None:
+    """Unmount if mounted: `fusermount3 -u`, lazily (-z) if it is busy."""
     if is_mounted(mount_point):
         r = subprocess.run(["fusermount3", "-u", os.fspath(mount_point)],
                            capture_output=True, check=False)
         if r.returncode != 0:
             subprocess.run(["fusermount3", "-u", "-z", os.fspath(mount_point)],
                            capture_output=True, check=False)
+
+
+def unmount(mount_point: Path, proc: subprocess.Popen[bytes] | None) -> None:
+    """Unmount and end the daemon this test started; never leaves a mount behind."""
+    fusermount_u(mount_point)
     if proc is not None and proc.poll() is None:
         try:
             proc.wait(timeout=30)

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from artifactfs.store import ArtifactStore
+from artifactfs.store.metadata import Metadata
+from artifactfs.store.recovery import fsck
 from artifactfs.store.schema import ROOT_ID
 
 
@@ -105,3 +107,19 @@ def check_invariants(store: ArtifactStore) -> None:
         "SELECT count(*) FROM entries c WHERE c.parent_id IS NOT NULL"
         " AND NOT EXISTS (SELECT 1 FROM entries p WHERE p.id = c.parent_id)").fetchone()[0]
     assert orphans == 0, "entries whose parent row is gone"
+
+
+def fsck_clean(data_dir: Path) -> None:
+    """fsck a data directory no daemon holds, as `artifactfs fsck` does (no recovery first,
+    which would hide damage), and require it clean."""
+    store = ArtifactStore(data_dir)
+    store.data.acquire()
+    try:
+        store.meta = Metadata(store.data.db_path)
+        try:
+            report = fsck(store)
+        finally:
+            store.meta.close()
+    finally:
+        store.data.release()
+    assert report.clean, report.problems

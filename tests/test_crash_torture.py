@@ -46,11 +46,8 @@ import trio
 from conftest import IN_CI, SCALE
 from httputil import free_port
 from mountutil import cannot_mount, check_can_mount, eventually, mounted, start_daemon, unmount
+from storeutil import fsck_clean
 from test_security import traced
-
-from artifactfs.store import ArtifactStore
-from artifactfs.store.metadata import Metadata
-from artifactfs.store.recovery import fsck
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.mount, pytest.mark.slow]
 
@@ -357,20 +354,6 @@ async def resume_sessions(writers: list[Writer], url: str) -> int:
                 resumed += 1
             w.sessions = []
     return resumed
-
-
-def fsck_clean(data_dir: Path) -> None:
-    store = ArtifactStore(data_dir)
-    store.data.acquire()
-    try:
-        store.meta = Metadata(store.data.db_path)
-        try:
-            report = fsck(store)
-        finally:
-            store.meta.close()
-    finally:
-        store.data.release()
-    assert report.clean, report.problems
 
 
 def daemon(base: Path, *extra: str):  # type: ignore[no-untyped-def]

@@ -48,10 +48,7 @@ import pytest
 from conftest import SCALE
 from lazyutil import Lazy, lazy_mounted
 from mountutil import cannot_mount, start_daemon, unmount
-
-from artifactfs.store import ArtifactStore
-from artifactfs.store.metadata import Metadata
-from artifactfs.store.recovery import fsck
+from storeutil import fsck_clean
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.mount, pytest.mark.slow]
 
@@ -303,20 +300,6 @@ def check(history: dict[str, History], found: dict[str, bytes], round_no: int,
         if h.in_flight:
             stats.cut_in_flight += 1
         history[key] = History([now])
-
-
-def fsck_clean(data_dir: Path) -> None:
-    store = ArtifactStore(data_dir)
-    store.data.acquire()
-    try:
-        store.meta = Metadata(store.data.db_path)
-        try:
-            report = fsck(store)
-        finally:
-            store.meta.close()
-    finally:
-        store.data.release()
-    assert report.clean, report.problems
 
 
 def daemon(mnt: Path, data: Path, log: Path, *extra: str
