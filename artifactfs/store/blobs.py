@@ -249,6 +249,12 @@ class DataDir:
         for f in self.staging.iterdir():
             yield f.name
 
+    def fsync_staging(self, session_ids: list[str]) -> None:
+        """fsync the staging files of upload sessions (those gone meanwhile are skipped)."""
+        for session_id in session_ids:
+            with contextlib.suppress(FileNotFoundError):
+                fsync_path(self._staged(session_id))
+
     def fsync_blobs(self, blob_ids: list[str]) -> list[str]:
         """fsync each blob and the directories holding them; return the ids that exist.
 

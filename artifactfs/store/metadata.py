@@ -503,6 +503,30 @@ class Metadata:
     def set_session_offset(self, session_id: str, offset: int) -> None:
         self.conn.execute('UPDATE sessions SET "offset" = ? WHERE id = ?', (offset, session_id))
 
+    def sessions_grown(self) -> list[tuple[str, int]]:
+        """(id, offset) of the http sessions with bytes the flusher has not fsynced yet."""
+        return [(r[0], r[1]) for r in self.conn.execute(
+            'SELECT id, "offset" FROM sessions WHERE origin = \'http\''
+            ' AND "offset" > durable_offset')]
+
+    def set_durable_offsets(self, pairs: list[tuple[str, int]]) -> None:
+        self.conn.executemany(
+            "UPDATE sessions SET durable_offset = ? WHERE id = ?", [(o, i) for i, o in pairs])
+
+    def durable_offset(self, session_id: str) -> int:
+        row = self.conn.execute(
+            "SELECT durable_offset FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def info(self, name: str) -> str | None:
+        row = self.conn.execute(
+            "SELECT value FROM store_info WHERE name = ?", (name,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_info(self, name: str, value: str) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO store_info (name, value) VALUES (?, ?)", (name, value))
+
     def set_session_mime_type(self, session_id: str, mime_type: str) -> None:
         self.conn.execute("UPDATE sessions SET mime_type = ? WHERE id = ?", (mime_type, session_id))
 

@@ -32,6 +32,12 @@ def recover(store: ArtifactStore) -> None:
         marker.unlink()
         fsync_path(data.root)
     now = int(time.time())
+    # Same boot: only the process died and the page cache kept every acknowledged byte. A new
+    # boot (or none to compare): the machine restarted, and what was not fsynced may be lost.
+    boot = _boot_id()
+    rebooted = boot is None or meta.info("boot_id") != boot
+    if boot is not None:
+        meta.set_info("boot_id", boot)
     for s in meta.all_sessions():
         if s.origin == "mount":
             # Its writer was this daemon's kernel client, gone with the crash: no one can
@@ -53,10 +59,15 @@ def recover(store: ArtifactStore) -> None:
             except FileNotFoundError:
                 data.create_staging(s.id)
                 length = 0
-            if length < s.offset:
-                # Bytes acknowledged but not fsynced did not survive: resume from what did.
-                meta.set_session_offset(s.id, length)
-                log.warning("upload session %s resumes at %d, not %d", s.id, length, s.offset)
+            # After a power loss the file's length may have survived with a page inside it
+            # lost: resume from what the flusher had fsynced (schema.py, durable_offset).
+            keep = min(s.offset, length,
+                       meta.durable_offset(s.id) if rebooted and not was_clean else s.offset)
+            if keep < s.offset:
+                # Bytes acknowledged but not on disk did not survive: resume from what did.
+                meta.set_session_offset(s.id, keep)
+                meta.set_durable_offsets([(s.id, keep)])
+                log.warning("upload session %s resumes at %d, not %d", s.id, keep, s.offset)
     live = {s.id for s in meta.all_sessions()}
     for name in list(data.iter_staging_ids()):
         if name not in live:
@@ -69,6 +80,14 @@ def recover(store: ArtifactStore) -> None:
         removed = remove_orphan_blobs(store)
         if removed:
             log.info("removed %d blobs no artifact points at", removed)
+
+
+def _boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def _verify_not_durable(store: ArtifactStore) -> None:

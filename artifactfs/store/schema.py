@@ -97,6 +97,10 @@ DROP INDEX IF EXISTS entries_not_durable;
 --            mount sessions: 0 (the staging file's length is the truth).
 -- mime_type  what the artifact will be committed with.
 -- created_at, expires_at  Unix seconds; expires_at NULL for mount sessions.
+-- durable_offset  http sessions: how much of the staging file the flusher has fsynced. An
+--            acknowledged chunk is in the page cache, not on disk; after a power loss (a new
+--            boot id, store_info 'boot_id') start-up resumes the session from here, since the
+--            file's length may have survived with a page inside it lost.
 --
 -- Sessions are few (the ones in flight) and each lives briefly, so the table is keyed by id
 -- alone (WITHOUT ROWID: one b-tree, one page write per insert or delete) and the sweeper
@@ -110,7 +114,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     "offset"   INTEGER NOT NULL DEFAULT 0,
     mime_type  TEXT NOT NULL,
     created_at INTEGER NOT NULL,
-    expires_at INTEGER
+    expires_at INTEGER,
+    durable_offset INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 
 -- The durable version an artifact had before a replace that is not durable yet, one row per
@@ -135,7 +140,9 @@ CREATE TABLE IF NOT EXISTS superseded (
     created_at INTEGER
 );
 
--- Facts about the store itself: 'schema_version'; 'flushed_at' (Unix seconds of the last flush,
+-- Facts about the store itself: 'schema_version'; 'boot_id' (the kernel's boot id at the last
+-- start: a different one at start-up means the machine restarted, so the page cache is gone);
+-- 'flushed_at' (Unix seconds of the last flush,
 -- written so that the flusher's synchronous=FULL commit is never empty: an empty commit
 -- writes no WAL frame and so fsyncs nothing).
 CREATE TABLE IF NOT EXISTS store_info (
@@ -148,6 +155,9 @@ CREATE TABLE IF NOT EXISTS store_info (
 def create_schema(conn: sqlite3.Connection, now_ns: int) -> None:
     """Create every table and the root directory if they are missing."""
     conn.executescript(_SCHEMA)
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(sessions)")}
+    if "durable_offset" not in columns:  # a data directory made before the column existed
+        conn.execute("ALTER TABLE sessions ADD COLUMN durable_offset INTEGER NOT NULL DEFAULT 0")
     conn.execute(
         "INSERT OR IGNORE INTO entries (id, parent_id, name, key, kind, mode, mtime_ns, ctime_ns)"
         " VALUES (?, NULL, '', '', 'dir', ?, ?, ?)",

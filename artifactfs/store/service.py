@@ -556,13 +556,15 @@ class ArtifactStore(MountWrites):
         self._end_grace(everything=True)
         while True:
             doomed, pairs, everything = self._flush_batch()
+            grown = self.meta.sessions_grown()
             try:
+                self.data.fsync_staging([i for i, _ in grown])
                 done = set(self.data.fsync_blobs([b for _, b in pairs]))
                 # One FULL-synchronous commit fsyncs the WAL with every earlier transaction
                 # in it, so after it no row can come back pointing at a blob unlinked below.
                 self.meta.conn.execute("PRAGMA synchronous = FULL")
                 try:
-                    self._mark_durable(pairs, done)
+                    self._mark_durable(pairs, done, grown)
                 finally:
                     if not self.sync:
                         self.meta.conn.execute("PRAGMA synchronous = NORMAL")
@@ -584,12 +586,14 @@ class ArtifactStore(MountWrites):
         under another process's heavy writes it took hundreds of ms."""
         self._end_grace()
         doomed, pairs, _ = self._flush_batch()
-        if not pairs and not doomed:
+        grown = self.meta.sessions_grown()
+        if not pairs and not doomed and not grown:
             return 0
         try:
+            await trio.to_thread.run_sync(self.data.fsync_staging, [i for i, _ in grown])
             done = set(await trio.to_thread.run_sync(
                 self.data.fsync_blobs, [b for _, b in pairs]))
-            self._mark_durable(pairs, done)
+            self._mark_durable(pairs, done, grown)
             await self._sync_metadata()
         except BaseException:
             self._doomed[:0] = doomed  # unlinked by the next flush that gets this far
@@ -622,9 +626,12 @@ class ArtifactStore(MountWrites):
             self.data.remove_blob(blob_id)
         return len(done)
 
-    def _mark_durable(self, pairs: list[tuple[int, str]], done: set[str]) -> None:
+    def _mark_durable(self, pairs: list[tuple[int, str]], done: set[str],
+                      grown: list[tuple[str, int]]) -> None:
         with self.meta.transaction():
             self.meta.mark_durable([(i, b) for i, b in pairs if b in done])
+            # Upload sessions: the offsets read before their staging files were fsynced.
+            self.meta.set_durable_offsets(grown)
             # Never an empty commit: it would write no WAL frame and fsync nothing, and a
             # delete committed at NORMAL could come back after a power loss pointing at a
             # blob unlinked just below.
