@@ -11,7 +11,7 @@ import contextlib
 import itertools
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,20 +94,19 @@ class _Connection(sqlite3.Connection):
     when something else fills the file system."""
 
     def execute(self, *args: Any) -> sqlite3.Cursor:  # type: ignore[override]
-        try:
-            return super().execute(*args)
-        except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
-                raise _no_space(exc) from exc
-            raise
+        return _full_is_no_space(super().execute, *args)
 
     def executemany(self, *args: Any) -> sqlite3.Cursor:  # type: ignore[override]
-        try:
-            return super().executemany(*args)
-        except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
-                raise _no_space(exc) from exc
-            raise
+        return _full_is_no_space(super().executemany, *args)
+
+
+def _full_is_no_space(call: Callable[..., sqlite3.Cursor], *args: Any) -> sqlite3.Cursor:
+    try:
+        return call(*args)
+    except sqlite3.OperationalError as exc:
+        if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
+            raise _no_space(exc) from exc
+        raise
 
 
 def _no_space(exc: sqlite3.OperationalError) -> NoSpace:
