@@ -25,6 +25,7 @@ from mountutil import (
     fusermount_u,
     is_mounted,
     read_line,
+    unmount,
 )
 
 LAZYFS = Path(__file__).with_name("lazyfs.py")
@@ -63,14 +64,7 @@ def unmount_lazy(mount_point: Path, proc: subprocess.Popen[bytes]) -> None:
     if proc.stdin is not None:
         with contextlib.suppress(OSError):
             proc.stdin.close()  # lazyfs unmounts itself when its stdin closes
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    if is_mounted(mount_point):
-        subprocess.run(["fusermount3", "-u", "-z", os.fspath(mount_point)],
-                       capture_output=True, check=False)
+    unmount(mount_point, proc)  # waits for it, then ends it, and never leaves a mount behind
 
 
 @contextlib.contextmanager

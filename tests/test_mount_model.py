@@ -151,6 +151,13 @@ def wipe(root: Path) -> None:
     assert os.listdir(root) == []
 
 
+
+def _close_pair(opened: tuple[str, int, int] | None) -> None:
+    """Close a (path, fd on the mount, fd on the disk) pair the machine holds open."""
+    if opened is not None:
+        os.close(opened[2])
+        os.close(opened[1])
+
 class MountModel(RuleBasedStateMachine):
     """Side by side: ``self.mnt`` (in the mount) and ``self.disk`` (the reference)."""
 
@@ -219,18 +226,12 @@ class MountModel(RuleBasedStateMachine):
         return data.draw(st.sampled_from(["", *dirs]), label="dir")
 
     def _close_reader(self) -> None:
-        if self.reader is not None:
-            _, fm, fd = self.reader
-            self.reader = None
-            os.close(fd)
-            os.close(fm)
+        _close_pair(self.reader)
+        self.reader = None
 
     def _close_held(self) -> None:
-        if self.held is not None:
-            _, fm, fd = self.held
-            self.held = None
-            os.close(fd)
-            os.close(fm)
+        _close_pair(self.held)
+        self.held = None
 
     @initialize(data=st.data(), n=st.integers(3, 10))
     def seed_tree(self, data: st.DataObject, n: int) -> None:

@@ -346,12 +346,12 @@ class Metadata:
                 " created_at) SELECT ?, blob_id, size, sha256, mime_type, created_at"
                 " FROM superseded WHERE entry_id = ?", (moved.id, target.id))
 
-    def superseded(self, entry_id: int) -> tuple[str, int, str, str | None, int | None] | None:
-        """(blob_id, size, sha256, mime_type, created_at) kept for ``entry_id``, if any."""
+    def superseded(self, entry_id: int) -> tuple[str, str, int] | None:
+        """(blob_id, sha256, size) of the durable version kept for ``entry_id``, if any."""
         row = self.conn.execute(
-            "SELECT blob_id, size, sha256, mime_type, created_at FROM superseded"
-            " WHERE entry_id = ?", (entry_id,)).fetchone()
-        return None if row is None else (row[0], row[1], row[2], row[3], row[4])
+            "SELECT blob_id, sha256, size FROM superseded WHERE entry_id = ?",
+            (entry_id,)).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
 
     def restore_superseded(self, entry_id: int) -> None:
         """Put the kept durable version back into the entry (start-up, after a power loss
@@ -362,9 +362,9 @@ class Metadata:
             "  WHERE entry_id = ?) WHERE id = ?", (entry_id, entry_id))
         self.conn.execute("DELETE FROM superseded WHERE entry_id = ?", (entry_id,))
 
-    def forget_superseded(self, entry_ids: list[int]) -> None:
-        self.conn.executemany("DELETE FROM superseded WHERE entry_id = ?",
-                              [(i,) for i in entry_ids])
+    def clear_superseded(self) -> None:
+        """Start-up, once every row not yet durable is settled: nothing left to fall back to."""
+        self.conn.execute("DELETE FROM superseded")
 
     def update_attrs(self, entry_id: int, **columns: int | str | None) -> None:
         assignments = ", ".join(f"{name} = ?" for name in columns)

@@ -106,10 +106,10 @@ def _verify_not_durable(store: ArtifactStore) -> None:
                 good.append((e.id, e.blob_id))
                 continue
             old = meta.superseded(e.id)
-            if old is not None and sha256_of_path(data.blob_path(old[0])) == (old[2], old[1]):
+            # The kept version was durable (its blob fsynced) before it was replaced.
+            if old is not None and sha256_of_path(data.blob_path(old[0])) == old[1:]:
                 log.error("artifact %s lost its newest bytes in a power loss; its previous"
                           " version is back", e.key)
-                data.fsync_blobs([old[0]])
                 with meta.transaction():
                     meta.restore_superseded(e.id)
             else:
@@ -121,7 +121,7 @@ def _verify_not_durable(store: ArtifactStore) -> None:
             meta.mark_durable(good)
     # What is left superseded a version that survived (now durable) or an entry gone: the
     # old blobs become orphans, removed next.
-    meta.conn.execute("DELETE FROM superseded")
+    meta.clear_superseded()
 
 
 def remove_orphan_blobs(store: ArtifactStore, *, dry_run: bool = False) -> int:
