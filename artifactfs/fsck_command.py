@@ -37,6 +37,11 @@ def run_fsck(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         try:
+            # Logged commits the database does not hold yet are committed data, not damage:
+            # they go in first, as at any start (commitlog.py).
+            redone = store.meta.replay_log(store.replay_logged)
+            if redone:
+                print(f"applied {redone} commits from the commit log")
             report = fsck(store, repair=args.repair)
         except sqlite3.DatabaseError as exc:
             print(f"fsck: the database is damaged ({exc}); restore meta.db from a backup",

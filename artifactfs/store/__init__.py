@@ -44,6 +44,7 @@ async def open_store(
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(partial(store.run_background, flush_interval=flush_interval))
+                nursery.start_soon(store.commit_batches)
                 try:
                     yield store
                 finally:

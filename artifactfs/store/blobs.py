@@ -4,6 +4,7 @@ Layout::
 
     DATA/lock                 flock'ed by the owning process; holds its pid
     DATA/meta.db              the metadata database (schema.py)
+    DATA/commits.log          commits acknowledged but not yet in meta.db (commitlog.py)
     DATA/staging/<session>    bytes of an upload session, written in place
     DATA/blobs/<id[:2]>/<id>  committed bytes, named by a random id, never by key
 
@@ -82,6 +83,7 @@ class DataDir:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+        self._make_fanout()
         self.syncfs_works = _syncfs is not None and fs_type(self.root) in SYNCFS_WORKS_ON
         st = os.statvfs(self.root)
         self.reserve = min(RESERVE_MAX, max(RESERVE_MIN, st.f_blocks * st.f_frsize // 100))
@@ -214,6 +216,18 @@ class DataDir:
         except OSError as exc:
             self.remove_blob(blob_id)
             raise from_os_error(exc, "writing an artifact") from exc
+
+    def _make_fanout(self) -> None:
+        """All 256 blobs/<xx> directories, made once in a data directory's life. Made one
+        at a time as blob ids came, each cost the commit that needed it an fsync of blobs/
+        (_make_blob_dir): in a new store's first few hundred small commits that fsync was
+        most of their time (docs/PERFORMANCE.md, "Store")."""
+        have = set(os.listdir(self.blobs))
+        missing = [f"{i:02x}" for i in range(256) if f"{i:02x}" not in have]
+        for name in missing:
+            os.makedirs(self.blobs / name, exist_ok=True)
+        if missing:
+            fsync_path(self._blobs_s)
 
     def _make_blob_dir(self, path: str) -> None:
         """Create blobs/<id[:2]> and make its name durable at once: fsyncing a blob and its

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -18,13 +19,16 @@ from typing import Any
 
 import sqlite_utils
 
-from ..errors import NoSpace
+from ..errors import NoSpace, from_os_error
+from .commitlog import BATCH_MAX, BATCH_WINDOW, CommitLog
 from .schema import ROOT_ID, create_schema
 
 ENTRY_COLUMNS = (
     "id, parent_id, name, key, kind, mode, uid, gid, mtime_ns, ctime_ns, blob_id, size,"
     " sha256, mime_type, created_at, durable, target"
 )
+log = logging.getLogger("artifactfs.store")
+
 SESSION_COLUMNS = 'id, origin, key, entry_id, size, "offset", mime_type, created_at, expires_at'
 
 
@@ -87,17 +91,34 @@ class SessionRow:
     created_at: int
     expires_at: int | None
 
+    def fields(self) -> tuple[Any, ...]:
+        """The row's values in column order (SessionRow(*fields) is the row again)."""
+        return (self.id, self.origin, self.key, self.entry_id, self.size, self.offset,
+                self.mime_type, self.created_at, self.expires_at)
+
 
 class _Connection(sqlite3.Connection):
     """A full disk is NoSpace (ENOSPC / 507 in the error table), not an unexpected failure:
     the user frees space and retries. The blob reserve (blobs.py) makes it rare: it happens
-    when something else fills the file system."""
+    when something else fills the file system.
 
-    def execute(self, *args: Any) -> sqlite3.Cursor:  # type: ignore[override]
-        return _full_is_no_space(super().execute, *args)
+    ``idle_batch`` is the Metadata whose batch of logged commits is open while no logged
+    commit runs (commitlog.py), else None. A statement other than a SELECT run then (a
+    transaction's BEGIN, a single-statement update, a PRAGMA) commits that batch first: the
+    batch must hold only writes that the commit log describes (commitlog.py, the invariant).
+    """
 
-    def executemany(self, *args: Any) -> sqlite3.Cursor:  # type: ignore[override]
-        return _full_is_no_space(super().executemany, *args)
+    idle_batch: Metadata | None = None
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:  # type: ignore[override]
+        if self.idle_batch is not None and not sql.startswith("SELECT"):
+            self.idle_batch.commit_batch()
+        return _full_is_no_space(super().execute, sql, *args)
+
+    def executemany(self, sql: str, *args: Any) -> sqlite3.Cursor:  # type: ignore[override]
+        if self.idle_batch is not None:
+            self.idle_batch.commit_batch()
+        return _full_is_no_space(super().executemany, sql, *args)
 
 
 def _full_is_no_space(call: Callable[..., sqlite3.Cursor], *args: Any) -> sqlite3.Cursor:
@@ -150,12 +171,30 @@ class Metadata:
         # rolls back leaves a stale pair here: mark_durable matches (id, blob) and so ignores
         # it, and forget_unflushed drops it after one flush.
         self._unflushed: dict[int, str] = {}
+        # Batched commits (commitlog.py): not with --sync, whose every commit is durable at
+        # once. `generation` numbers the batch that logged commits go into now; the database
+        # holds every batch before it ('log_applied').
+        # The log is opened in either mode: a run without --sync may have left lines in it.
+        self.log = CommitLog(path.with_name("commits.log"))
+        self._batching = not synchronous_full
+        self.generation = int(self.info("log_applied") or 0) + 1
+        self._batch_open = False
+        self._batch_commits = 0
+        self._batch_due = 0.0
+        # The service's replay of one line (ArtifactStore.replay_logged), for _batch_lost.
+        self.redo: Callable[[str, list[Any]], None] | None = None
 
     def close(self) -> None:
-        if self._checkpointer is not None:
-            self._checkpointer.close()
-            self._checkpointer = None
-        self.conn.close()
+        """Commit the open batch, if the database still can, and close. A batch that cannot
+        commit stays in the commit log for the next start."""
+        try:
+            self.commit_batch()
+        finally:
+            if self._checkpointer is not None:
+                self._checkpointer.close()
+                self._checkpointer = None
+            self.conn.close()
+            self.log.close()
 
     def checkpoint(self) -> tuple[int, int, int]:
         """Copy the WAL back into the database file: runs in a worker thread.
@@ -174,7 +213,8 @@ class Metadata:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception. Never spans an await."""
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception. Never spans an await.
+        Commits an open batch of logged commits first (its BEGIN does, see _Connection)."""
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
@@ -182,6 +222,127 @@ class Metadata:
             self.conn.execute("ROLLBACK")
             raise
         self.conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def logged(self, kind: str, fields: tuple[Any, ...]) -> Iterator[None]:
+        """A commit that the commit log describes as ``(kind, *fields)``: its statements run
+        in a savepoint of the open batch, and the log's line is written before it returns
+        (commitlog.py). The caller's replay of that line must redo exactly these statements.
+
+        Without a log (--sync) it is a transaction of its own; inside a caller's transaction
+        (start-up replay) it is part of that one.
+        """
+        if self.conn.in_transaction and not self._batch_open:
+            yield
+            return
+        if not self._batching:
+            with self.transaction():
+                yield
+            return
+        if self._batch_open and self.conn.idle_batch is None:
+            raise RuntimeError("logged commits do not nest: the log would hold both")
+        # Straight to sqlite3: through _Connection these would commit the idle batch.
+        execute = sqlite3.Connection.execute
+        if not self._batch_open:
+            execute(self.conn, "BEGIN IMMEDIATE")
+            self._batch_open = True
+            self._batch_due = time.monotonic() + BATCH_WINDOW
+        execute(self.conn, "SAVEPOINT logged")
+        self.conn.idle_batch = None
+        try:
+            yield
+            try:
+                self.log.append(self.generation, kind, fields)
+            except OSError as exc:
+                raise from_os_error(exc, "writing the commit log") from exc
+        except BaseException:
+            if self.conn.in_transaction:
+                execute(self.conn, "ROLLBACK TO logged")
+                execute(self.conn, "RELEASE logged")
+                self.conn.idle_batch = self
+            else:
+                self._batch_lost()  # SQLite undid the whole batch (a full disk, I/O error)
+            raise
+        execute(self.conn, "RELEASE logged")
+        self.conn.idle_batch = self
+        self._batch_commits += 1
+        if self._batch_commits >= BATCH_MAX:
+            self.commit_batch()
+
+    def commit_batch(self, *, if_due: bool = False) -> None:
+        """COMMIT the open batch (with its generation, in the same transaction), then empty
+        the log. ``if_due``: only once the batch has been open for BATCH_WINDOW."""
+        if not self._batch_open or (if_due and time.monotonic() < self._batch_due):
+            return
+        self.conn.idle_batch = None
+        if not self.conn.in_transaction:
+            # Already undone by SQLite (a statement's error): the INSERT below would commit
+            # on its own and claim the batch's lines as held.
+            self._batch_lost()
+            raise sqlite3.OperationalError("the batch of logged commits was rolled back")
+        try:
+            _full_is_no_space(
+                sqlite3.Connection.execute, self.conn,
+                "INSERT OR REPLACE INTO store_info (name, value) VALUES ('log_applied', ?)",
+                (str(self.generation),))
+            _full_is_no_space(sqlite3.Connection.execute, self.conn, "COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.idle_batch = self  # still open: the next commit_batch retries
+            else:
+                self._batch_lost()
+            raise
+        self._batch_open = False
+        self._batch_commits = 0
+        self.generation += 1
+        self.log.reset()
+
+    def _batch_lost(self) -> None:
+        """SQLite rolled the open batch back (it does on a full disk or an I/O error): its
+        commits, acknowledged, are in the log only. Redo them at once if the database can
+        take them now; if not, they stay in the log and the next start redoes them."""
+        count = self._batch_commits
+        self._batch_open, self._batch_commits = False, 0
+        self.conn.idle_batch = None
+        self.generation += 1
+        log.error("the database dropped a batch of %d commits; redoing them from the log",
+                  count)
+        if self.redo is None:
+            return
+        try:
+            self.replay_log(self.redo)
+        except (sqlite3.Error, NoSpace, OSError) as exc:
+            log.error("could not redo them now (%s): they stay in the commit log and come"
+                      " back at the next start", exc)
+
+    def replay_log(self, apply: Callable[[str, list[Any]], None]) -> int:
+        """Redo the logged commits of batches the database does not hold (start-up, fsck):
+        ``apply(kind, fields)`` repeats one commit's statements. All in one transaction that
+        also records the generation; a line that no longer applies (a power loss took an
+        earlier transaction it built on) is skipped with a warning. Returns lines redone."""
+        applied = int(self.info("log_applied") or 0)
+        lines = [line for line in self.log.lines() if line[0] > applied]
+        if not lines:
+            self.log.reset()
+            return 0
+        last = max([self.generation, *(gen for gen, _, _ in lines)])
+        done = 0
+        with self.transaction():
+            for _, kind, fields in lines:
+                self.conn.execute("SAVEPOINT replay")
+                try:
+                    apply(kind, fields)
+                except Exception as exc:
+                    self.conn.execute("ROLLBACK TO replay")
+                    log.warning("skipped a logged %s commit that no longer applies: %s",
+                                kind, exc)
+                else:
+                    done += 1
+                self.conn.execute("RELEASE replay")
+            self.set_info("log_applied", str(last))
+        self.generation = last + 1
+        self.log.reset()
+        return done
 
     # --- entries ---------------------------------------------------------------------------
 
@@ -205,6 +366,13 @@ class Metadata:
             f"SELECT {ENTRY_COLUMNS} FROM entries WHERE key IN ({marks})", keys
         ).fetchall()
         return {r[3]: Entry(*r) for r in rows}
+
+    def kinds_by_keys(self, *keys: str) -> dict[str, tuple[int, str]]:
+        """(id, kind) of the entries at any of ``keys``: what a commit checks, without
+        decoding whole rows (a third of a small commit's lookup)."""
+        marks = ", ".join("?" * len(keys))
+        return {r[0]: (r[1], r[2]) for r in self.conn.execute(
+            f"SELECT key, id, kind FROM entries WHERE key IN ({marks})", keys)}
 
     def child(self, parent_id: int, name: str) -> Entry | None:
         row = self.conn.execute(

@@ -26,6 +26,11 @@ log = logging.getLogger("artifactfs.recovery")
 
 def recover(store: ArtifactStore) -> None:
     meta, data = store.meta, store.data
+    # First: commits acknowledged before the process stopped whose batch the database never
+    # got (commitlog.py). Everything below then sees them like any other row.
+    redone = meta.replay_log(store.replay_logged)
+    if redone:
+        log.warning("redid %d commits from the commit log", redone)
     marker = data.root / "clean"
     was_clean = marker.exists()
     if was_clean:

@@ -144,7 +144,9 @@ CREATE TABLE IF NOT EXISTS superseded (
 -- start: a different one at start-up means the machine restarted, so the page cache is gone);
 -- 'flushed_at' (Unix seconds of the last flush,
 -- written so that the flusher's synchronous=FULL commit is never empty: an empty commit
--- writes no WAL frame and so fsyncs nothing).
+-- writes no WAL frame and so fsyncs nothing); 'log_applied' (the number of the last batch of
+-- logged commits this database holds, written by that batch's own COMMIT: start-up redoes
+-- only the lines of commits.log with a higher number, commitlog.py).
 CREATE TABLE IF NOT EXISTS store_info (
     name  TEXT PRIMARY KEY,
     value TEXT NOT NULL
