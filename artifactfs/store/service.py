@@ -514,41 +514,38 @@ class ArtifactStore(MountWrites):
                                           now_ns)):
             if session_id is not None and not self.meta.delete_session(session_id):
                 raise NotFound(f"upload session {session_id} was removed while committing")
-            parent_key = key.rpartition("/")[0]
-            # Ids and kinds only: the whole row is read only when there is one to replace.
-            found = self.meta.kinds_by_keys(key, parent_key)
-            at_key = found.get(key)
-            e = self.meta.entry(at_key[0]) if at_key is not None else None
-            _refuse_non_file(key, e)
-            if e is None:
-                p = found.get(parent_key)  # '' is the root's key
-                # Commonly the directory is there; else create it (or refuse: a file).
-                parent_id = (p[0] if p is not None and p[1] == "dir"
-                             else self._ensure_parents(key))
-                entry_id = self.meta.insert_artifact(
-                    parent_id=parent_id, name=key.rpartition("/")[2], key=key,
-                    mode=0o644, uid=self.uid, gid=self.gid, now_ns=now_ns,
-                    blob_id=blob_id, size=size, sha256=sha, mime_type=mime_type,
-                    created_at=created_at, durable=self.sync)
-            else:
-                entry_id = e.id
-                self.meta.set_content(
-                    entry_id, blob_id=blob_id, size=size, sha256=sha,
-                    mime_type=mime_type, created_at=created_at, mtime_ns=now_ns,
-                    durable=self.sync)
+            parent_key, _, name = key.rpartition("/")
+            fields = dict(name=name, key=key, mode=0o644, uid=self.uid, gid=self.gid,
+                          now_ns=now_ns, blob_id=blob_id, size=size, sha256=sha,
+                          mime_type=mime_type, created_at=created_at, durable=self.sync)
+            # Commonly a new key in a directory that is there: one statement. Else look.
+            e = None
+            placed = self.meta.insert_artifact(parent=parent_key, **fields)
+            if placed is None:
+                e = self.meta.entry_by_key(key)
+                _refuse_non_file(key, e)
+                if e is None:
+                    placed = self.meta.insert_artifact(parent=self._ensure_parents(key),
+                                                       **fields)
+                    assert placed is not None
+                else:
+                    self.meta.set_content(
+                        e.id, blob_id=blob_id, size=size, sha256=sha,
+                        mime_type=mime_type, created_at=created_at, mtime_ns=now_ns,
+                        durable=self.sync)
         if e is None:
+            assert placed is not None
             self._changed_keys()
             if self._listeners:
-                self._notify(Change("added", entry_id, parent_id, key.rpartition("/")[2]))
+                self._notify(Change("added", placed[0], placed[1], name))
         else:
             if e.blob_id:
                 self._doom(e.blob_id, replaced=True)
             else:
                 self._changed_keys()  # a file still being written in the mount joins the list
-            self._notify(Change("content", entry_id, e.parent_id, e.name, previous=e))
+            self._notify(Change("content", e.id, e.parent_id, e.name, previous=e))
         log.info("committed %s (%d bytes, sha256 %s)", key, size, sha[:12])
-        # Built from values already checked: no second validation (~1 us of a small put).
-        return ArtifactResponse.model_construct(
+        return ArtifactResponse(
             key=key, mime_type=mime_type, uri=self.content_uri(key), size=size,
             created_at=created_at, sha256=sha)
 
