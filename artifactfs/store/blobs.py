@@ -204,9 +204,11 @@ class DataDir:
                 self._make_blob_dir(path)
                 fd = os.open(path, flags, 0o600)
             try:
-                view = memoryview(content)
-                while view:
-                    view = view[os.write(fd, view):]
+                written = os.write(fd, content)  # all of it, but for a full disk
+                if written < len(content):
+                    view = memoryview(content)[written:]
+                    while view:
+                        view = view[os.write(fd, view):]
                 if durable:
                     os.fsync(fd)
             finally:

@@ -651,10 +651,11 @@ class Metadata:
         self.conn.executemany(
             "UPDATE entries SET durable = 1 WHERE id = ? AND blob_id = ?", pairs
         )
-        self.conn.executemany(
-            "DELETE FROM superseded WHERE entry_id = ?"
-            " AND EXISTS (SELECT 1 FROM entries WHERE id = ? AND durable = 1)",
-            [(i, i) for i, _ in pairs])
+        # One pass over `superseded` (it holds only replacements not yet durable, usually
+        # none), not a statement per row (0.65 us each, a small commit's flush).
+        self.conn.execute(
+            "DELETE FROM superseded WHERE EXISTS"
+            " (SELECT 1 FROM entries WHERE id = superseded.entry_id AND durable = 1)")
 
     def note_flush(self, now: int) -> None:
         self.conn.execute(
