@@ -111,12 +111,13 @@ def check_invariants(store: ArtifactStore) -> None:
 
 def fsck_clean(data_dir: Path) -> None:
     """fsck a data directory no daemon holds, as `artifactfs fsck` does (no recovery first,
-    which would hide damage), and require it clean."""
+    which would hide damage; only the commit log's lines put in), and require it clean."""
     store = ArtifactStore(data_dir)
     store.data.acquire()
     try:
         store.meta = Metadata(store.data.db_path)
         try:
+            store.meta.replay_log(store.replay_logged)
             report = fsck(store)
         finally:
             store.meta.close()

@@ -362,3 +362,35 @@ def test_a_damaged_page_of_the_database_is_reported_not_a_traceback(tmp_path: Pa
     assert rc in (1, 2), out
     assert "restore" in out and "meta.db" in out, out
     assert "clean" not in out.splitlines()[-1], out
+
+
+def test_commits_left_in_the_commit_log_are_applied_not_reported(tmp_path: Path) -> None:
+    """A daemon killed with its batch of commits still open leaves them in commits.log
+    (artifactfs/store/commitlog.py): committed data, which fsck puts in, as start-up does,
+    instead of calling their blobs orphans."""
+    data = tmp_path / "data"
+    build(data)
+    child = (
+        "import os, signal, sys, trio\n"
+        "from artifactfs import open_store\n"
+        "async def main(root):\n"
+        "    async with open_store(root) as store:\n"
+        "        for i in range(5):\n"
+        "            await store.put_artifact(f'late/{i}.bin', b'late' * i)\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "trio.run(main, sys.argv[1])\n")
+    r = subprocess.run([sys.executable, "-c", child, str(data)], capture_output=True, timeout=60)
+    assert r.returncode == -9, r.stderr
+    assert (data / "commits.log").stat().st_size > 0
+    rc, out = fsck(data)
+    assert rc == 0, out
+    assert "applied 5 commits from the commit log" in out
+    assert f"checked {len(CONTENT) + 5} artifacts" in out
+    assert_intact(data, list(CONTENT))
+
+    async def late() -> None:
+        async with open_store(data) as store:
+            for i in range(5):
+                assert read(store, f"late/{i}.bin") == b"late" * i
+
+    trio.run(late)
