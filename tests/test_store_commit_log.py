@@ -20,6 +20,7 @@ import pytest
 import trio
 from storeutil import check_invariants, fsck_clean, read, sha
 
+from artifactfs import open_store
 from artifactfs.errors import Conflict
 from artifactfs.store import ArtifactStore
 
@@ -243,3 +244,21 @@ def test_a_batch_the_database_dropped_is_redone_from_the_log(tmp_path: Path) -> 
     finally:
         store.close()
     fsck_clean(root)
+
+
+def test_an_idle_batch_is_committed_by_the_background_task(tmp_path: Path) -> None:
+    """With nothing else to commit it, the batch reaches meta.db on its own (after
+    BATCH_WINDOW), and the log empties."""
+    root = tmp_path / "data"
+
+    async def go() -> None:
+        async with open_store(root) as store:
+            await store.put_artifact("idle/a", b"a")
+            assert store.meta.batch_open
+            with trio.fail_after(10):  # a liveness bound, not a speed claim
+                while "idle/a" not in _committed_keys(root):
+                    await trio.sleep(0.01)
+            assert not store.meta.batch_open
+            assert (root / "commits.log").stat().st_size == 0
+
+    trio.run(go)

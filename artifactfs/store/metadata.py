@@ -162,6 +162,8 @@ class _Logged:
                 sqlite3.Connection.execute(conn, "BEGIN IMMEDIATE")
                 m._batch_open = True
                 m._batch_due = time.monotonic() + BATCH_WINDOW
+                if m.on_batch_open is not None:
+                    m.on_batch_open()
             sqlite3.Connection.execute(conn, "SAVEPOINT logged")
             conn.idle_batch = None
 
@@ -245,8 +247,10 @@ class Metadata:
         self._batch_open = False
         self._batch_commits = 0
         self._batch_due = 0.0
-        # The service's replay of one line (ArtifactStore.replay_logged), for _batch_lost.
+        # The service's replay of one line (ArtifactStore.replay_logged), for _batch_lost;
+        # and what wakes its batch committer (ArtifactStore.commit_batches).
         self.redo: Callable[[str, list[Any]], None] | None = None
+        self.on_batch_open: Callable[[], None] | None = None
 
     def close(self) -> None:
         """Commit the open batch, if the database still can, and close. A batch that cannot
@@ -296,6 +300,10 @@ class Metadata:
         transaction (start-up replay) it is part of that one.
         """
         return _Logged(self, kind, fields)
+
+    @property
+    def batch_open(self) -> bool:
+        return self._batch_open
 
     def commit_batch(self, *, if_due: bool = False) -> None:
         """COMMIT the open batch (with its generation, in the same transaction), then empty

@@ -664,10 +664,14 @@ class ArtifactStore(MountWrites):
         return len(expired)
 
     async def commit_batches(self) -> None:
-        """Commit each batch of logged commits once it has been open for BATCH_WINDOW
-        (commitlog.py); transactions and the flusher commit it sooner. Runs until
-        cancelled."""
+        """Commit each batch of logged commits BATCH_WINDOW after it opened (commitlog.py);
+        a transaction, the flusher or close() commit it sooner. Sleeps while no batch is
+        open. Runs until cancelled."""
         while True:
+            opened = trio.Event()
+            self.meta.on_batch_open = opened.set
+            if not self.meta.batch_open:
+                await opened.wait()
             await trio.sleep(BATCH_WINDOW)
             try:
                 self.meta.commit_batch(if_due=True)
