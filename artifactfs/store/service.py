@@ -515,18 +515,21 @@ class ArtifactStore(MountWrites):
             if session_id is not None and not self.meta.delete_session(session_id):
                 raise NotFound(f"upload session {session_id} was removed while committing")
             parent_key, _, name = key.rpartition("/")
-            fields = dict(name=name, key=key, mode=0o644, uid=self.uid, gid=self.gid,
-                          now_ns=now_ns, blob_id=blob_id, size=size, sha256=sha,
-                          mime_type=mime_type, created_at=created_at, durable=self.sync)
+
+            def insert(parent: int | str) -> tuple[int, int] | None:
+                return self.meta.insert_artifact(
+                    parent=parent, name=name, key=key, mode=0o644, uid=self.uid,
+                    gid=self.gid, now_ns=now_ns, blob_id=blob_id, size=size, sha256=sha,
+                    mime_type=mime_type, created_at=created_at, durable=self.sync)
+
             # Commonly a new key in a directory that is there: one statement. Else look.
             e = None
-            placed = self.meta.insert_artifact(parent=parent_key, **fields)
+            placed = insert(parent_key)
             if placed is None:
                 e = self.meta.entry_by_key(key)
                 _refuse_non_file(key, e)
                 if e is None:
-                    placed = self.meta.insert_artifact(parent=self._ensure_parents(key),
-                                                       **fields)
+                    placed = insert(self._ensure_parents(key))
                     assert placed is not None
                 else:
                     self.meta.set_content(
