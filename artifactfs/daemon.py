@@ -86,7 +86,7 @@ async def mount_daemon(args: argparse.Namespace, mountpoint: str, data_dir: Path
 
         async def mount_until_unmounted(task_status: trio.TaskStatus[None]) -> None:
             await serve_mount(store, mountpoint, allow_other=args.allow_other,
-                              task_status=task_status)
+                              passthrough=args.passthrough, task_status=task_status)
             nursery.cancel_scope.cancel()  # unmounted from outside: the daemon's work is done
 
         await nursery.start(mount_until_unmounted)
@@ -176,6 +176,8 @@ def _child_argv(args: argparse.Namespace, mountpoint: str, data_dir: Path) -> li
         argv.append("--sync")
     if args.allow_other:
         argv.append("--allow-other")
+    if args.passthrough:
+        argv.append("--passthrough")
     return argv
 
 

@@ -55,6 +55,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--afs-rev", default=None, metavar="REV",
                    help="run artifactfs as of this git commit (e.g. HEAD) instead of the working"
                    " tree, which others may be editing")
+    p.add_argument("--afs-opt", action="append", default=[], metavar="OPT",
+                   help="an option for `artifactfs mount`, e.g. --afs-opt=--passthrough"
+                        " (repeatable)")
     p.add_argument("--afs-src", type=Path, default=None, metavar="DIR",
                    help="run artifactfs from DIR/artifactfs (a variant being evaluated)")
     p.add_argument("--prepare", action="store_true",
@@ -134,6 +137,7 @@ def main(argv: list[str]) -> int:
         ArtifactFS.src, ArtifactFS.rev = snapshot(args.afs_rev, work)
     elif args.afs_src:
         ArtifactFS.src, ArtifactFS.rev = args.afs_src.resolve(), f"source {args.afs_src}"
+    ArtifactFS.options = list(args.afs_opt)
     if ArtifactFS.src:
         sys.path.insert(0, str(ArtifactFS.src))  # the store is built by the same code
     t_start = time.time()

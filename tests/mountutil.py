@@ -100,6 +100,8 @@ def start_daemon(mount_point: Path, data_dir: Path, log_path: Path, *extra: str,
     port = free_port()
     # ARTIFACTFS_TEST_DEBUG=1 logs every request the daemon refuses (daemon.log in the tmp dir).
     verbose = ["-v"] if os.environ.get("ARTIFACTFS_TEST_DEBUG") else []
+    # ARTIFACTFS_TEST_MOUNT_OPTS="--passthrough" runs every mount test on such a mount.
+    extra = (*os.environ.get("ARTIFACTFS_TEST_MOUNT_OPTS", "").split(), *extra)
     argv = [sys.executable, "-m", "artifactfs.cli", *verbose, "mount", os.fspath(mount_point),
             "--data", os.fspath(data_dir), "--foreground", *extra]
     if http:

@@ -28,6 +28,8 @@ class FileHandle:
     writable: bool = False
     # Opened as a version no longer at its name (replaced.py): writes never commit.
     detached: bool = False
+    # Answered with passthrough: the kernel reads (or maps) the backing file, not the daemon.
+    passthrough: bool = False
     lock: trio.Lock = field(default_factory=trio.Lock)
 
 

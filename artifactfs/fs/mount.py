@@ -37,16 +37,19 @@ async def serve_mount(
     mountpoint: str,
     *,
     allow_other: bool = False,
+    passthrough: bool = False,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Mount ``store`` at ``mountpoint`` and answer the kernel until unmounted or cancelled.
 
     ``task_status.started()`` is called once the kernel has connected. Returns when someone
     unmounts (``fusermount3 -u``, ``artifactfs umount``); on cancellation (SIGINT/SIGTERM in
-    the daemon) it unmounts itself, lazily if files are still open.
+    the daemon) it unmounts itself, lazily if files are still open. ``passthrough`` asks the
+    kernel to read committed artifacts from their blobs (passthrough.py; logged at INIT when it
+    cannot, and the mount then works as without it).
     """
     cache = KernelCache()
-    ops = Operations(store, cache)
+    ops = Operations(store, cache, passthrough=passthrough)
     pyfuse3.init(ops, mountpoint, mount_options(store, allow_other=allow_other))
     log.info("mounted %s at %s", store.data.root, mountpoint)
     try:

@@ -24,6 +24,11 @@ version, old or new, never ESTALE (replaced.py).
 
 Inode numbers are entry ids plus a version (inodes.py); every handler maps the kernel's inode to
 the entry id before asking the store.
+
+With ``passthrough`` (``artifactfs mount --passthrough``, where kernel and pyfuse3 allow it),
+read-only opens of committed versions are answered with the blob as a backing file and the
+kernel reads it without the daemon; the writeback cache is then off. passthrough.py says which
+opens, and what a reader that opened before an in-place rewrite sees then.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ from .attributes import entry_attributes
 from .handles import DirHandle, FileHandle
 from .inodes import InodeMap
 from .kernel_cache import Invalidation, KernelCache
+from .passthrough import BackingFiles
+from .passthrough import available as passthrough_available
 from .reading import read_reply
 from .replaced import ReplacedVersions
 from .translate import translated
@@ -63,11 +70,18 @@ class Operations(pyfuse3.Operations):
 
     # PLATFORM.md: cp into the mount 0.47 -> ~0.8 GB/s; the kernel may then read from files
     # opened write-only and turns O_APPEND into positioned writes (staging files are O_RDWR).
+    # Not asked for when passthrough is (the kernel refuses the two together; passthrough.py).
     enable_writeback_cache = True
 
-    def __init__(self, store: ArtifactStore, cache: KernelCache | None = None) -> None:
+    def __init__(self, store: ArtifactStore, cache: KernelCache | None = None, *,
+                 passthrough: bool = False) -> None:
         super().__init__()
         self.store = store
+        # Read by the patched pyfuse3 at INIT (passthrough.py): when the kernel offers
+        # passthrough it is asked for instead of the writeback cache.
+        self.enable_passthrough = passthrough and passthrough_available()
+        self._passthrough_asked = passthrough
+        self.backing = BackingFiles(enabled=False)
         self.cache = cache or KernelCache()
         self.inodes = InodeMap()
         self.replaced = ReplacedVersions()
@@ -103,6 +117,23 @@ class Operations(pyfuse3.Operations):
             log.warning("pyfuse3 %s cannot keep directory listings in the kernel or skip "
                         "FLUSH (not the build of scripts/setup): every listing and close "
                         "reaches the daemon", pyfuse3.__version__)
+        if self._passthrough_asked:
+            self._init_passthrough()
+
+    def _init_passthrough(self) -> None:
+        """Log once what the mount's reads will use: the fallback is today's path."""
+        if not self.enable_passthrough:
+            log.warning("passthrough asked for, but pyfuse3 %s cannot ask the kernel for it"
+                        " (not the build of scripts/setup, libfuse >= 3.16): reads are served"
+                        " by the daemon", pyfuse3.__version__)
+        elif not pyfuse3.passthrough_enabled():
+            log.warning("passthrough asked for, but the kernel does not offer it (Linux >= 6.9"
+                        " with CONFIG_FUSE_PASSTHROUGH): reads are served by the daemon, with"
+                        " the writeback cache")
+        else:
+            self.backing.enabled = True
+            log.info("passthrough on: the kernel reads committed artifacts from their blobs"
+                     " (no writeback cache)")
 
     def _changed_elsewhere(self, change: Change) -> None:
         """The store's listener for changes made by another face. Runs inside the store's
@@ -219,8 +250,14 @@ class Operations(pyfuse3.Operations):
             raise ArtifactError(f"inode {inode:#x} is an older version", errno=errno.ESTALE)
         entry_id = self.inodes.entry_id(inode)
         e: Entry | None = None
+        moved = False
         if fields.update_size:
             e = await self.store.truncate(entry_id, attr.st_size)
+            if self.backing.holds(inode):
+                # Readers read this inode through the blob it had (passthrough.py): the new
+                # version gets a new inode, as a writer's would.
+                self._move_name(e)
+                moved = True
         if fields.update_mode or fields.update_uid or fields.update_gid or fields.update_mtime:
             # One of these arrives before every written file closes (the writeback cache's
             # mtime): each query saved here counts (PLATFORM.md: ~50 us per request).
@@ -231,7 +268,10 @@ class Operations(pyfuse3.Operations):
                 gid=attr.st_gid if fields.update_gid else None,
                 mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             )
-        return self._attrs(e if e is not None else self.store.entry(entry_id))
+        attrs = self._attrs(e if e is not None else self.store.entry(entry_id))
+        if moved:
+            attrs.st_ino = inode  # the reply is about the inode the kernel asked for
+        return attrs
 
     # --- directories -----------------------------------------------------------------------
 
@@ -390,6 +430,17 @@ class Operations(pyfuse3.Operations):
                 raise
             return await self._open_replaced(inode, flags, ctx.pid, retry)
         read_only = flags & os.O_ACCMODE == os.O_RDONLY
+        if not read_only and self.backing.holds(inode):
+            # A writer must not share the blob its readers read through (passthrough.py): the
+            # name moves to a new inode, and the kernel's retry opens that one.
+            if retry:
+                raise ArtifactError(f"{e.key} is being read through its blob; it moved to a"
+                                    " new inode, which is read through too", errno=errno.ETXTBSY)
+            self._move_name(e)
+            self.replaced.refused(ctx.pid)
+            raise ArtifactError(f"{e.key} is read through its blob: its name moved to a new"
+                                f" inode (the kernel will retry, thread {ctx.pid})",
+                                errno=errno.ESTALE)
         if read_only:
             fd = self.store.open_read(e.id)
             h = FileHandle(inode=inode, entry_id=e.id, entry=e, fd=fd)
@@ -404,18 +455,59 @@ class Operations(pyfuse3.Operations):
             # that first write, the handle writes on into them, as on a disk.
             h = FileHandle(inode=inode, entry_id=e.id, entry=e, fd=self.store.open_read(e.id),
                            writable=True)
-        return self._opened(h)
+        return self._opened(h, flags)
 
-    def _opened(self, h: FileHandle) -> pyfuse3.FileInfo:
-        # keep_cache: a committed artifact never changes under its inode except through this
-        # mount (the kernel saw it); another face's change gets a new inode (inodes.py).
-        fi = pyfuse3.FileInfo(fh=self._add_handle(h), keep_cache=True)
+    def _opened(self, h: FileHandle, flags: int) -> pyfuse3.FileInfo:
+        # O_DIRECT through a backing file has the disk's alignment rules (EINVAL for a read of
+        # 1000 bytes); the daemon has none, so it serves O_DIRECT opens, as it serves writers.
+        direct = bool(flags & os.O_DIRECT)
+        backing_id = self._backing_id(h, direct)
+        fh = self._add_handle(h)
+        if backing_id is not None:
+            h.passthrough = True
+            # The kernel refuses keep_cache with passthrough. An O_DIRECT reader that joins
+            # readers that read through takes direct_io: the daemon serves its reads.
+            fi = pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=direct,
+                                  backing_id=backing_id)
+        else:
+            # keep_cache: a committed artifact never changes under its inode except through
+            # this mount (the kernel saw it); another face's change gets a new inode
+            # (inodes.py), and so does a change through the mount while the kernel reads the
+            # inode through its blob (passthrough.py).
+            fi = pyfuse3.FileInfo(fh=fh, keep_cache=True)
         if OPEN_FLAGS and not h.writable:
             # A reader never commits, so its FLUSH has nothing to do: with the writeback cache
             # the kernel sends it anyway, and the patched pyfuse3 answers it without a task.
             # Writable handles keep FLUSH: a file commits at its last writer's flush.
             fi.noflush = True
         return fi
+
+    def _backing_id(self, h: FileHandle, direct: bool) -> int | None:
+        """The backing id if this open is to be answered with passthrough (passthrough.py).
+        Every open of an inode the kernel reads through must be (writers never reach here:
+        ``open`` moves the name off such an inode first); otherwise only a read-only, buffered
+        open of a committed version that nothing else has open, cached or for writing."""
+        if self.backing.holds(h.inode):
+            assert not h.writable, "a writer must not share a backing file (passthrough.py)"
+            return self.backing.share(h.inode)
+        if (not self.backing.enabled or direct or h.writable or h.fd is None
+                or self._by_inode.get(h.inode)
+                or (self.inodes.is_current(h.inode)
+                    and self.store.active_write(h.entry_id) is not None)):
+            return None
+        return self.backing.open(h.inode, h.fd)
+
+    def _move_name(self, e: Entry) -> None:
+        """Give ``e``'s name a new inode number, leaving the kernel's readers of the old one
+        (which read it through its blob) the version they opened; the kernel is told to drop
+        the name, as after another face's replacement (``_changed_elsewhere``). The old number
+        is not retired (replaced.py): an open that still names it fails with ESTALE rather than
+        write into a detached copy."""
+        self._removals += 1
+        if e.parent_id is not None:
+            self._dir_changes[e.parent_id] = next(self._change_numbers)
+            self.cache.queue(Invalidation("name", self.inodes.inode(e.parent_id), e.name))
+        self.inodes.replace(e.id)
 
     async def _open_replaced(self, inode: int, flags: int, pid: int, retry: bool
                              ) -> pyfuse3.FileInfo:
@@ -438,7 +530,7 @@ class Operations(pyfuse3.Operations):
                            fd=self.store.open_version(previous),
                            writable=flags & os.O_ACCMODE != os.O_RDONLY, detached=True)
         log.debug("open of replaced inode %#x (%s) on the kernel's retry", inode, previous.key)
-        return self._opened(h)
+        return self._opened(h, flags)
 
     def _read_fd(self, h: FileHandle) -> int:
         if h.ws is not None:
@@ -485,6 +577,8 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         h = self._handles.pop(fh)
         handles = self._by_inode.get(h.inode)
+        if h.passthrough:
+            self.backing.release(h.inode)
         try:
             if h.ws is not None:
                 await self._commit(h)

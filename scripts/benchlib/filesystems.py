@@ -189,6 +189,8 @@ class ArtifactFS(FileSystem):
     # working tree (which other engineers may be editing while the bench runs).
     src: Path | None = None
     rev: str | None = None
+    # Set by bench.py --afs-opt: extra `artifactfs mount` options (e.g. --passthrough).
+    options: list[str] = []  # noqa: RUF012 (set once, before any instance)
 
     def __init__(self, work: Path, data: Path | None = None, label: str = "artifactfs") -> None:
         super().__init__(work)
@@ -206,7 +208,8 @@ class ArtifactFS(FileSystem):
         return None if r.returncode == 0 else "`artifactfs mount` is not available"
 
     def command(self) -> list[str]:
-        args = ["mount", str(self.mnt), "--data", str(self.data), "--foreground"]
+        args = ["mount", str(self.mnt), "--data", str(self.data), "--foreground",
+                *self.options]
         if self.src is None:
             return [str(REPO / ".venv" / "bin" / "artifactfs"), *args]
         boot = (f"import sys; sys.path.insert(0, {str(self.src)!r}); sys.argv[0] = 'artifactfs';"
@@ -222,7 +225,9 @@ class ArtifactFS(FileSystem):
             dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain",
                                     "artifactfs"], capture_output=True, text=True).stdout.strip()
             where = f"the working tree at {rev}{' with uncommitted changes' if dirty else ''}"
-        return f"artifactfs from {where} (pyfuse3 on trio), `artifactfs mount --foreground`"
+        opts = "".join(f" {o}" for o in self.options)
+        return (f"artifactfs from {where} (pyfuse3 on trio),"
+                f" `artifactfs mount --foreground{opts}`")
 
 
 def snapshot(rev: str, work: Path) -> tuple[Path, str]:
