@@ -48,7 +48,10 @@ async def store(tmp_path: Path) -> AsyncIterator[ArtifactStore]:
 
 @pytest.fixture
 def ops(store: ArtifactStore) -> Operations:
-    return Operations(store, RecordingCache())
+    # Shared read handles (shared_reads.py) need pyfuse3's C side to count the opens it
+    # answers, which handlers called directly do not have: they are tested below on their
+    # own and through real mounts (test_mount_shared_reads.py).
+    return Operations(store, RecordingCache(), share_reads=False)
 
 
 def fields(**set_: bool) -> Any:
@@ -242,7 +245,7 @@ async def test_errors_carry_their_errno(ops: Operations) -> None:
 
 
 async def test_directory_changed_elsewhere_is_listed_afresh(store: ArtifactStore) -> None:
-    ops = Operations(store, KernelCache())  # the real queue, not drained in this test
+    ops = Operations(store, KernelCache(), share_reads=False)  # the real queue, not drained
     sub = await ops.mkdir(ROOT, b"sub", 0o755, CTX)
     fi = await ops.opendir(sub.st_ino, CTX)
     assert fi.cache_readdir and fi.keep_cache

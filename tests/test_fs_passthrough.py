@@ -56,7 +56,9 @@ def mount_ops(store: ArtifactStore, monkeypatch: pytest.MonkeyPatch, kernel: Ker
     monkeypatch.setattr(pyfuse3, "passthrough_enabled", lambda: agreed)
     monkeypatch.setattr(pyfuse3, "passthrough_open", kernel.passthrough_open)
     monkeypatch.setattr(pyfuse3, "passthrough_close", kernel.passthrough_close)
-    ops = Operations(store, passthrough=True)
+    # share_reads off: handlers called directly get no opens counted by pyfuse3's C side
+    # (test_fs_operations.py says why); without passthrough they would share read handles.
+    ops = Operations(store, passthrough=True, share_reads=False)
     assert ops.enable_passthrough  # what pyfuse3 reads at INIT
     ops.init()
     return ops
@@ -192,7 +194,7 @@ async def test_without_passthrough_the_mount_serves_reads_as_before(
     kernel = Kernel(refuse=errno.EPERM if why == "privilege" else None)
     if why == "pyfuse3":
         monkeypatch.delattr(pyfuse3, "passthrough_enabled")
-        ops = Operations(store, passthrough=True)
+        ops = Operations(store, passthrough=True, share_reads=False)
         assert not ops.enable_passthrough  # not asked at INIT: the writeback cache stays
         with caplog.at_level(logging.INFO, "artifactfs.fs"):
             ops.init()

@@ -7,7 +7,9 @@ lives here is the state of open files (file handles) that only the mount has.
 Open files: a read handle holds an fd on what the file was when it was opened (open_read);
 a writable handle shares its inode's ``WriteSession`` and writes into its staging file with
 ``os.pwrite`` inline (PLATFORM.md: a thread hop per request costs more than it saves). Large
-READs are answered from a mapping of the file, not a copy (reading.py).
+READs are answered from a mapping of the file, not a copy (reading.py). Read-only opens of a
+plain committed artifact share one read handle per inode, and after the first the patched
+pyfuse3 answers their OPEN and RELEASE itself (shared_reads.py says when it must not).
 
 Commit timing: the kernel sends RELEASE *after* close(2) has returned (asynchronously), so a
 program that closes a file and then asks the HTTP face for it could race the commit. The commit
@@ -54,6 +56,7 @@ from .passthrough import BackingFiles
 from .passthrough import available as passthrough_available
 from .reading import read_reply
 from .replaced import ReplacedVersions
+from .shared_reads import SharedReads
 from .translate import translated
 
 log = logging.getLogger("artifactfs.fs")
@@ -74,7 +77,7 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = True
 
     def __init__(self, store: ArtifactStore, cache: KernelCache | None = None, *,
-                 passthrough: bool = False) -> None:
+                 passthrough: bool = False, share_reads: bool = True) -> None:
         super().__init__()
         self.store = store
         # Read by the patched pyfuse3 at INIT (passthrough.py): when the kernel offers
@@ -84,7 +87,9 @@ class Operations(pyfuse3.Operations):
         self.backing = BackingFiles(enabled=False)
         self.cache = cache or KernelCache()
         self.inodes = InodeMap()
-        self.replaced = ReplacedVersions()
+        # Read-only opens of plain committed artifacts answered in C (shared_reads.py).
+        self.shared = SharedReads(self._close_handle, enabled=share_reads and OPEN_FLAGS)
+        self.replaced = ReplacedVersions(on_retrying=self.shared.defer_opens)
         self._handles: dict[int, FileHandle] = {}
         self._by_inode: dict[int, set[FileHandle]] = {}
         self._dirs: dict[int, DirHandle] = {}
@@ -132,6 +137,9 @@ class Operations(pyfuse3.Operations):
                         " the writeback cache")
         else:
             self.backing.enabled = True
+            # Passthrough opens carry a backing id, which the C path of shared read handles
+            # does not give (shared_reads.py): every read-only open reaches Python.
+            self.shared.enabled = False
             log.info("passthrough on: the kernel reads committed artifacts from their blobs"
                      " (no writeback cache)")
 
@@ -144,14 +152,20 @@ class Operations(pyfuse3.Operations):
         self._dir_changes[change.parent_id] = next(self._change_numbers)
         parent = self.inodes.inode(change.parent_id)
         if change.kind == "content":
-            self.replaced.retire(self.inodes.replace(change.entry_id), change.previous)
+            self._retire(self.inodes.replace(change.entry_id), change.previous)
             self.cache.queue(Invalidation("name", parent, change.name))
         elif change.kind == "removed":
             old = self.inodes.remove(change.entry_id)
-            self.replaced.retire(old, change.previous)
+            self._retire(old, change.previous)
             self.cache.queue(Invalidation("removed", parent, change.name, old))
         else:
             self.cache.queue(Invalidation("name", parent, change.name))
+
+    def _retire(self, inode: int, previous: Entry | None) -> None:
+        """``inode`` no longer names what its entry holds (replaced or removed): opens of it
+        reach Python again, which answers them as replaced.py says."""
+        self.shared.unshare(inode)
+        self.replaced.retire(inode, previous)
 
     # --- attributes and names --------------------------------------------------------------
 
@@ -223,6 +237,7 @@ class Operations(pyfuse3.Operations):
         # Inode numbers are derived from entry ids, not allocated: nothing to count or free
         # but what is kept of removed directories.
         for inode, _ in inode_list:
+            self.shared.unshare(inode)
             self._removed_dirs.pop(inode, None)
             # The kernel's listing went with the inode: the next one starts afresh.
             self._dir_changes.pop(self.inodes.entry_id(inode), None)
@@ -252,6 +267,7 @@ class Operations(pyfuse3.Operations):
         e: Entry | None = None
         moved = False
         if fields.update_size:
+            self.shared.unshare(inode)  # a new version: new opens must not get the old fd
             e = await self.store.truncate(entry_id, attr.st_size)
             if self.backing.holds(inode):
                 # Readers read this inode through the blob it had (passthrough.py): the new
@@ -341,7 +357,7 @@ class Operations(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._removals += 1
         removed = self.store.unlink(self.inodes.entry_id(parent_inode), os.fsdecode(name))
-        self.replaced.retire(self.inodes.inode(removed.id), removed)
+        self._retire(self.inodes.inode(removed.id), removed)
 
     @translated
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
@@ -353,7 +369,7 @@ class Operations(pyfuse3.Operations):
         if replaced is not None and replaced.is_dir:
             self._removed_dirs[self.inodes.inode(replaced.id)] = replaced
         elif replaced is not None:
-            self.replaced.retire(self.inodes.inode(replaced.id), replaced)
+            self._retire(self.inodes.inode(replaced.id), replaced)
 
     @translated
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
@@ -441,10 +457,17 @@ class Operations(pyfuse3.Operations):
             raise ArtifactError(f"{e.key} is read through its blob: its name moved to a new"
                                 f" inode (the kernel will retry, thread {ctx.pid})",
                                 errno=errno.ESTALE)
+        if read_only and not flags & os.O_TRUNC:
+            shared = self._open_shared(inode, e)
+            if shared is not None:
+                return shared
         if read_only:
             fd = self.store.open_read(e.id)
             h = FileHandle(inode=inode, entry_id=e.id, entry=e, fd=fd)
-        elif flags & os.O_TRUNC:
+            return self._opened(h, flags)
+        # A writer: new readers of the inode must read its bytes (per-open handles do).
+        self.shared.unshare(inode)
+        if flags & os.O_TRUNC:
             ws = await self.store.open_write(e.id, truncate=True)
             h = FileHandle(inode=inode, entry_id=e.id, entry=self.store.entry(e.id), ws=ws,
                            writable=True)
@@ -456,6 +479,22 @@ class Operations(pyfuse3.Operations):
             h = FileHandle(inode=inode, entry_id=e.id, entry=e, fd=self.store.open_read(e.id),
                            writable=True)
         return self._opened(h, flags)
+
+    def _open_shared(self, inode: int, e: Entry) -> pyfuse3.FileInfo | None:
+        """A read-only open answered with the inode's shared handle (shared_reads.py),
+        sharing one now if the inode is a plain committed artifact no one is writing through
+        the mount; None if it is not. Nothing here awaits: pyfuse3 counts the reply as an
+        open of the handle, which must still be shared then."""
+        fh = self.shared.handle(inode)
+        if fh is None:
+            if (not self.shared.enabled or self.backing.enabled
+                    or self.store.active_write(e.id) is not None
+                    or any(h.writable for h in self._by_inode.get(inode, ()))):
+                return None
+            fh = self._add_handle(FileHandle(inode=inode, entry_id=e.id, entry=e,
+                                             fd=self.store.open_read(e.id)))
+            self.shared.share(inode, fh)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, noflush=True)
 
     def _opened(self, h: FileHandle, flags: int) -> pyfuse3.FileInfo:
         # O_DIRECT through a backing file has the disk's alignment rules (EINVAL for a read of
@@ -507,7 +546,7 @@ class Operations(pyfuse3.Operations):
         if e.parent_id is not None:
             self._dir_changes[e.parent_id] = next(self._change_numbers)
             self.cache.queue(Invalidation("name", self.inodes.inode(e.parent_id), e.name))
-        self.inodes.replace(e.id)
+        self.shared.unshare(self.inodes.replace(e.id))
 
     async def _open_replaced(self, inode: int, flags: int, pid: int, retry: bool
                              ) -> pyfuse3.FileInfo:
@@ -557,6 +596,7 @@ class Operations(pyfuse3.Operations):
                 if h.ws is None and h.detached:
                     h.ws = await self.store.open_detached_write(h.entry_id, h.fd)
                 elif h.ws is None:
+                    self.shared.unshare(h.inode)
                     h.ws = await self.store.open_write(h.entry_id, truncate=False,
                                                        unlinked_from=h.fd)
         return self.store.write(h.ws, buf, off)
@@ -576,20 +616,28 @@ class Operations(pyfuse3.Operations):
     @translated
     async def release(self, fh: int) -> None:
         h = self._handles.pop(fh)
-        handles = self._by_inode.get(h.inode)
         if h.passthrough:
             self.backing.release(h.inode)
         try:
             if h.ws is not None:
                 await self._commit(h)
         finally:
-            if handles is not None:
-                handles.discard(h)
-                if not handles:
-                    del self._by_inode[h.inode]
-            if h.fd is not None:
-                os.close(h.fd)
-                h.fd = None
+            self._forget_handle(h)
+
+    def _close_handle(self, fh: int) -> None:
+        """Close a handle no open holds any more without a RELEASE of its own: a shared read
+        handle pyfuse3 let go of (shared_reads.py)."""
+        self._forget_handle(self._handles.pop(fh))
+
+    def _forget_handle(self, h: FileHandle) -> None:
+        handles = self._by_inode.get(h.inode)
+        if handles is not None:
+            handles.discard(h)
+            if not handles:
+                del self._by_inode[h.inode]
+        if h.fd is not None:
+            os.close(h.fd)
+            h.fd = None
 
     async def _commit(self, h: FileHandle) -> None:
         """This handle stops writing; if it was the last writer, the file commits."""
@@ -611,7 +659,7 @@ class Operations(pyfuse3.Operations):
             # Written through an inode another face had replaced meanwhile: the kernel's
             # current inode for the name holds the other version's size.
             old = self.inodes.replace(committed.id)
-            self.replaced.retire(old, ws.replaced)
+            self._retire(old, ws.replaced)
             self.cache.queue(Invalidation("name", self.inodes.inode(committed.parent_id or 0),
                                           committed.name, old))
 
@@ -645,4 +693,4 @@ class Operations(pyfuse3.Operations):
 
     def open_handles(self) -> int:
         """How many files are open (logged at shutdown: a busy mount was detached)."""
-        return len(self._handles)
+        return len(self._handles) - self.shared.idle()

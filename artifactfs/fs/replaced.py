@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from ..store import Entry
 
@@ -44,9 +45,12 @@ RETRYING_MAX = 1024
 class ReplacedVersions:
     """Which inode numbers were replaced versions, what they held, and who is retrying."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_retrying: Callable[[int, bool], None] | None = None) -> None:
         self._retired: OrderedDict[int, Entry] = OrderedDict()
         self._retrying: dict[int, float] = {}
+        # Told when a thread starts or stops being in a retry: its opens must reach the
+        # mount's Python open (shared_reads.py), which alone applies this rule.
+        self._on_retrying = on_retrying or (lambda pid, retrying: None)
 
     def retire(self, inode: int, previous: Entry | None) -> None:
         """``inode`` no longer names what its entry holds; ``previous`` is what it held."""
@@ -65,8 +69,11 @@ class ReplacedVersions:
         its system call once."""
         self._retrying.pop(pid, None)
         self._retrying[pid] = time.monotonic()
+        self._on_retrying(pid, True)
         while len(self._retrying) > RETRYING_MAX:
-            del self._retrying[next(iter(self._retrying))]
+            oldest = next(iter(self._retrying))
+            del self._retrying[oldest]
+            self._on_retrying(oldest, False)
 
     def retrying(self, pid: int) -> bool:
         """Whether thread ``pid`` is in the kernel's retry of a request answered ESTALE; only
@@ -78,9 +85,12 @@ class ReplacedVersions:
         """Whether an OPEN from thread ``pid`` is the kernel's retry of one answered ESTALE.
         Every OPEN asks, so a retry is used up by the thread's next open, whatever it names."""
         refused_at = self._retrying.pop(pid, None)
-        return refused_at is not None and time.monotonic() - refused_at < RETRY_WINDOW
+        if refused_at is None:
+            return False
+        self._on_retrying(pid, False)
+        return time.monotonic() - refused_at < RETRY_WINDOW
 
     def forget_retry(self, pid: int) -> None:
         """Thread ``pid``'s retried open(2) created the file instead (its name was gone)."""
-        if self._retrying:
-            self._retrying.pop(pid, None)
+        if self._retrying and self._retrying.pop(pid, None) is not None:
+            self._on_retrying(pid, False)
