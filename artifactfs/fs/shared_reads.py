@@ -26,7 +26,7 @@ open it:
 Unsharing stops new opens at once; opens already answered keep their handle (an open file
 keeps its bytes, as on a disk) and it is closed at the last one's RELEASE, which pyfuse3 then
 hands to ``Operations.release``. A shared handle no one has open still holds an fd, so idle
-ones are bounded (``IDLE_MAX``): past it, the oldest idle ones are unshared and closed.
+ones are bounded (``idle_max``): past it, the oldest idle ones are unshared and closed.
 """
 
 from __future__ import annotations
@@ -73,11 +73,12 @@ def fd_limit() -> int:
 IDLE_MAX_ENV = "ARTIFACTFS_SHARED_READS_IDLE_MAX"
 
 
-def idle_max(fd_limit: int) -> int:
+def idle_max(limit: int) -> int:
+    """How many shared handles may sit idle under the fd limit ``limit``."""
     configured = os.environ.get(IDLE_MAX_ENV)
     if configured:
         return max(1, int(configured))
-    return max(IDLE_MIN, min(IDLE_MAX_CAP, fd_limit - FDS_KEPT_FREE))
+    return max(IDLE_MIN, min(IDLE_MAX_CAP, limit - FDS_KEPT_FREE))
 
 
 class SharedReads:
