@@ -13,10 +13,10 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pyfuse3
 import pytest
+from opsutil import fields, fuse_errno
 from storeutil import put, sha
 
 from artifactfs import ArtifactStore, open_store
@@ -52,18 +52,6 @@ def ops(store: ArtifactStore) -> Operations:
     # answers, which handlers called directly do not have: they are tested below on their
     # own and through real mounts (test_mount_shared_reads.py).
     return Operations(store, RecordingCache(), share_reads=False)
-
-
-def fields(**set_: bool) -> Any:
-    names = ("update_atime", "update_mtime", "update_ctime", "update_mode", "update_uid",
-             "update_gid", "update_size")
-    return SimpleNamespace(**{n: set_.get(n, False) for n in names})
-
-
-async def fuse_errno(coro: Any) -> int:
-    with pytest.raises(pyfuse3.FUSEError) as e:
-        await coro
-    return e.value.errno
 
 
 async def write_file(ops: Operations, name: str, data: bytes) -> int:

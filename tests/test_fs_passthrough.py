@@ -12,11 +12,10 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import pyfuse3
 import pytest
+from opsutil import fields, fuse_errno
 
 from artifactfs import ArtifactStore, open_store
 from artifactfs.fs.operations import Operations
@@ -157,18 +156,6 @@ async def test_a_truncate_of_an_inode_read_through_moves_its_name(
     moved = await ops.lookup(ROOT, b"a.bin", CTX)
     assert moved.st_ino != ino and moved.st_size == 2
     await ops.release(reader.fh)
-
-
-def fields(**set_: bool) -> Any:
-    names = ("update_atime", "update_mtime", "update_ctime", "update_mode", "update_uid",
-             "update_gid", "update_size")
-    return SimpleNamespace(**{n: set_.get(n, False) for n in names})
-
-
-async def fuse_errno(coro: Any) -> int:
-    with pytest.raises(pyfuse3.FUSEError) as e:
-        await coro
-    return e.value.errno
 
 
 async def test_new_files_and_o_direct_opens_are_served_by_the_daemon(
