@@ -503,12 +503,14 @@ class ArtifactStore(MountWrites):
             raise
 
     def _install(self, key: str, blob_id: str, sha: str, size: int, mime_type: str, *,
-                 session_id: str | None = None, now_ns: int | None = None
+                 session_id: str | None = None, redo_at: int | None = None
                  ) -> ArtifactResponse:
         """Point ``key`` at a published blob in one logged commit (commitlog.py), ending its
-        session if any. ``now_ns`` is given when the commit log's line is replayed."""
-        if now_ns is None:
-            now_ns = time.time_ns()
+        session if any. ``redo_at`` is the commit's time when its log line is redone: then
+        the blob it replaced is not doomed. At start-up recovery decides that blob's fate (it
+        is the version put back if the new bytes were lost, else an orphan it removes), and
+        after a batch SQLite dropped the first run of the commit doomed it already."""
+        now_ns = time.time_ns() if redo_at is None else redo_at
         created_at = now_ns // 1_000_000_000
         with self.meta.logged("install", (key, blob_id, sha, size, mime_type, session_id,
                                           now_ns)):
@@ -543,7 +545,8 @@ class ArtifactStore(MountWrites):
                 self._notify(Change("added", placed[0], placed[1], name))
         else:
             if e.blob_id:
-                self._doom(e.blob_id, replaced=True)
+                if redo_at is None:
+                    self._doom(e.blob_id, replaced=True)
             else:
                 self._changed_keys()  # a file still being written in the mount joins the list
             self._notify(Change("content", e.id, e.parent_id, e.name, previous=e))
@@ -558,7 +561,7 @@ class ArtifactStore(MountWrites):
         if kind == "install":
             key, blob_id, sha, size, mime_type, session_id, now_ns = fields
             self._install(key, blob_id, sha, size, mime_type, session_id=session_id,
-                          now_ns=now_ns)
+                          redo_at=now_ns)
         elif kind == "session":
             self.meta.insert_session(SessionRow(*fields))
         else:
