@@ -229,3 +229,16 @@ def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.02)
+
+
+def assert_shared_writable_map_commits(q: Path) -> None:
+    """A shared writable mapping of a file in the mount (np.memmap mode r+) writes through to
+    the file, whatever serves the mount's reads."""
+    import numpy as np
+
+    q.write_bytes(b"\0" * 65536)
+    rw = np.memmap(q, dtype=np.uint8, mode="r+")
+    rw[10:20] = 7
+    rw.flush()
+    del rw
+    assert q.read_bytes()[8:22] == b"\0\0" + b"\7" * 10 + b"\0\0"
