@@ -504,7 +504,8 @@ def test_replaced_blob_is_unlinked_only_after_the_metadata_is_on_disk(tmp_path: 
 
             eventually(freed, timeout=30)
         lines = trace.read_text(errors="replace").splitlines()
-    gone = next(i for i, line in enumerate(lines) if "unlink" in line and old_blob in line)
+    gone = next(i for i, line in enumerate(lines)
+                if re.match(r"\d+ +unlink(at)?\(", line) and old_blob in line)
     assert any(re.search(r"f(data)?sync\(\d+</[^>]*meta\.db(-wal)?>", line)
                for line in lines[:gone]), (
         "the old blob was unlinked before the metadata was synced:\n"

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from conftest import SCALE
 from storeutil import all_artifacts, check_invariants, entry_id, put, sha
@@ -305,6 +306,104 @@ async def test_torn_file_renamed_over_a_durable_one_falls_back_to_that(tmp_path:
         with store.open_artifact("d/target.bin") as f:
             assert f.read() == old
         assert store.meta.entry_by_key("d/incoming.bin") is None  # the rename stands
+        check_invariants(store)
+    finally:
+        store.close()
+
+
+# --- durability epochs (schema.py, entries.epoch) ------------------------------------------
+# A flush makes every version committed before it durable by raising one number; start-up
+# after a power loss verifies only the versions above it.
+
+def _epochs(store: ArtifactStore, keys: list[str]) -> list[int]:
+    return [store.meta.conn.execute("SELECT epoch FROM entries WHERE key = ?", (k,))
+            .fetchone()[0] for k in keys]
+
+
+def _durable_epoch(store: ArtifactStore) -> int:
+    return int(store.meta.conn.execute(
+        "SELECT value FROM store_info WHERE name = 'durable_epoch'").fetchone()[0])
+
+
+async def test_a_flush_makes_a_burst_durable_by_one_number(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "data")
+    store.open()
+    keys = [f"burst/a{i:03d}.bin" for i in range(100)]  # more than SYNCFS_AT: one syncfs
+    for k in keys:
+        await store.put_artifact(k, k.encode() * 50)
+    (epoch,) = set(_epochs(store, keys))
+    assert epoch > 0 and not any(store.meta.is_durable(store.meta.entry_by_key(k))
+                                 for k in keys)
+    assert store.flush() == len(keys)
+    assert _durable_epoch(store) == epoch
+    assert set(_epochs(store, keys)) == {epoch}  # no row was written by the flush
+    late = b"committed after the flush " * 40
+    await store.put_artifact("burst/late.bin", late)
+    late_entry = store.meta.entry_by_key("burst/late.bin")
+    assert late_entry is not None and late_entry.blob_id is not None
+    assert late_entry.epoch == epoch + 1 and not store.meta.is_durable(late_entry)
+    store = _power_loss(store, late_entry.blob_id)
+    try:
+        # The burst was below the durable epoch: trusted, not read again (still its epoch);
+        # the late one was verified, found torn and dropped.
+        assert set(_epochs(store, keys)) == {epoch}
+        assert store.meta.entry_by_key("burst/late.bin") is None
+        for k in keys:
+            with store.open_artifact(k) as f:
+                assert f.read() == k.encode() * 50
+        check_invariants(store)
+    finally:
+        store.close()
+
+
+async def test_a_failed_flush_leaves_its_versions_to_the_next(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "data")
+    store.open()
+    try:
+        for i in range(3):
+            await store.put_artifact(f"f/a{i}", b"x" * (i + 1))
+        real = store.data.fsync_blobs
+
+        def failing(blob_ids: list[str]) -> None:
+            raise OSError(5, "Input/output error")
+
+        store.data.fsync_blobs = failing  # type: ignore[method-assign]
+        with pytest.raises(OSError):
+            store.flush()
+        assert not any(store.meta.is_durable(store.meta.entry_by_key(f"f/a{i}"))
+                       for i in range(3))
+        store.data.fsync_blobs = real  # type: ignore[method-assign]
+        await store.put_artifact("f/a3", b"later")
+        assert store.flush() == 4  # the failed flush's three, and the later one
+        assert all(store.meta.is_durable(store.meta.entry_by_key(f"f/a{i}"))
+                   for i in range(4))
+        assert _durable_epoch(store) == max(_epochs(store, [f"f/a{i}" for i in range(4)]))
+    finally:
+        store.close()
+
+
+async def test_a_store_made_before_epochs_is_migrated(tmp_path: Path) -> None:
+    """The earlier schema kept a flag per row (durable 1 or 0). Its rows at 0 are verified
+    after an unclean shutdown, as before; the others are durable."""
+    store = ArtifactStore(tmp_path / "data")
+    store.open()
+    await store.put_artifact("old/kept.bin", b"fsynced " * 100)
+    store.flush()
+    await store.put_artifact("old/torn.bin", b"not fsynced " * 100)
+    torn = store.meta.entry_by_key("old/torn.bin")
+    assert torn is not None and torn.blob_id is not None
+    conn = store.meta.conn
+    conn.execute("ALTER TABLE entries ADD COLUMN durable INTEGER NOT NULL DEFAULT 1")
+    conn.execute("UPDATE entries SET durable = 0 WHERE epoch > ?", (_durable_epoch(store),))
+    conn.execute("ALTER TABLE entries DROP COLUMN epoch")
+    conn.execute("DELETE FROM store_info WHERE name = 'durable_epoch'")
+    store = _power_loss(store, torn.blob_id)
+    try:
+        columns = {r[1] for r in store.meta.conn.execute("PRAGMA table_info(entries)")}
+        assert "epoch" in columns and "durable" not in columns
+        assert store.meta.entry_by_key("old/torn.bin") is None
+        with store.open_artifact("old/kept.bin") as f:
+            assert f.read() == b"fsynced " * 100
         check_invariants(store)
     finally:
         store.close()

@@ -271,8 +271,9 @@ class DataDir:
             with contextlib.suppress(FileNotFoundError):
                 fsync_path(self._staged(session_id))
 
-    def fsync_blobs(self, blob_ids: list[str]) -> list[str]:
-        """fsync each blob and the directories holding them; return the ids that exist.
+    def fsync_blobs(self, blob_ids: list[str]) -> None:
+        """fsync each blob and the directories holding them; a blob gone since (deleted,
+        replaced, rolled back) has nothing left to keep.
 
         Many blobs at once (a burst of small commits) take one syncfs instead: on ext4 every
         fsync is a journal commit, and 10,000 of them took longer than the burst itself
@@ -280,11 +281,8 @@ class DataDir:
         (SYNCFS_WORKS_ON): on a FUSE file system it returns at once having synced nothing.
         """
         if len(blob_ids) >= SYNCFS_AT and self.syncfs_works:
-            # Existence first: a blob that exists now is covered by the syncfs that follows.
-            present = [b for b in blob_ids if os.path.exists(self._blob(b))]
             syncfs(self._blobs_s)
-            return present
-        done: list[str] = []
+            return
         dirs: set[Path] = set()
         for blob_id in blob_ids:
             path = self.blob_path(blob_id)
@@ -293,10 +291,8 @@ class DataDir:
             except FileNotFoundError:
                 continue
             dirs.add(path.parent)
-            done.append(blob_id)
         for d in dirs:
             fsync_path(d)
-        return done
 
 
 # From this many blobs on, one syncfs(2) of the data directory's file system beats an fsync each.

@@ -8,7 +8,6 @@ run of them between two awaits is a critical section on the trio thread.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import sqlite3
 import time
@@ -25,7 +24,7 @@ from .schema import ROOT_ID, create_schema
 
 ENTRY_COLUMNS = (
     "id, parent_id, name, key, kind, mode, uid, gid, mtime_ns, ctime_ns, blob_id, size,"
-    " sha256, mime_type, created_at, durable, target"
+    " sha256, mime_type, created_at, epoch, target"
 )
 log = logging.getLogger("artifactfs.store")
 
@@ -56,7 +55,7 @@ class Entry:
     sha256: str | None
     mime_type: str | None
     created_at: int | None
-    durable: int
+    epoch: int
     target: str | None
 
     @property
@@ -232,10 +231,15 @@ class Metadata:
         # runs; across restarts reuse is harmless (the kernel forgets inodes at unmount).
         self._last_id = int(self.conn.execute("SELECT coalesce(max(id), 0) FROM entries")
                             .fetchone()[0])
-        # Rows this process wrote with durable = 0, entry id -> blob id, for the flusher; an
-        # index on durable cost every commit a page write (schema.py). A transaction that
-        # rolls back leaves a stale pair here: mark_durable matches (id, blob) and so ignores
-        # it, and forget_unflushed drops it after one flush.
+        # Durability by epochs (schema.py, entries.epoch): rows committed without fsync get
+        # `flush_epoch`, the number of the next flush; `durable_epoch` is the last flush that
+        # synced its blobs. `_unflushed` holds the blob ids this process committed without
+        # fsync since the last flush began (entry id -> its newest blob id: a version
+        # replaced before the flush needs no fsync), for file systems where the flusher must
+        # fsync each (blobs.py, fsync_blobs); a blob gone since (rolled back, deleted) is
+        # skipped there. No index and no per-row write: the flush is one row.
+        self.durable_epoch = int(self.info("durable_epoch") or 0)
+        self.flush_epoch = self.durable_epoch + 1
         self._unflushed: dict[int, str] = {}
         # Batched commits (commitlog.py): not with --sync, whose every commit is durable at
         # once. `generation` numbers the batch that logged commits go into now; the database
@@ -480,9 +484,9 @@ class Metadata:
         key or ``key`` is taken (the caller then looks why)."""
         new_id = self._last_id + 1
         values = (new_id, name, key, mode, uid, gid, now_ns, now_ns, blob_id, size, sha256,
-                  mime_type, created_at, int(durable))
+                  mime_type, created_at, 0 if durable else self.flush_epoch)
         columns = ("INSERT INTO entries (id, name, key, kind, mode, uid, gid, mtime_ns,"
-                   " ctime_ns, blob_id, size, sha256, mime_type, created_at, durable, parent_id)"
+                   " ctime_ns, blob_id, size, sha256, mime_type, created_at, epoch, parent_id)"
                    " SELECT ?, ?, ?, 'file', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ")
         if isinstance(parent, int):
             self.conn.execute(columns + "?", (*values, parent))
@@ -522,17 +526,15 @@ class Metadata:
             self.conn.execute(
                 "INSERT OR IGNORE INTO superseded (entry_id, blob_id, size, sha256, mime_type,"
                 " created_at) SELECT id, blob_id, size, sha256, mime_type, created_at"
-                " FROM entries WHERE id = ? AND durable = 1 AND blob_id IS NOT NULL",
-                (entry_id,))
+                " FROM entries WHERE id = ? AND epoch <= ? AND blob_id IS NOT NULL",
+                (entry_id, self.durable_epoch))
         self.conn.execute(
             "UPDATE entries SET blob_id = ?, size = ?, sha256 = ?, mime_type = ?,"
-            " created_at = ?, mtime_ns = ?, ctime_ns = ?, durable = ? WHERE id = ?",
+            " created_at = ?, mtime_ns = ?, ctime_ns = ?, epoch = ? WHERE id = ?",
             (blob_id, size, sha256, mime_type, created_at, mtime_ns, mtime_ns,
-             int(durable), entry_id),
+             0 if durable else self.flush_epoch, entry_id),
         )
-        if durable:
-            self._unflushed.pop(entry_id, None)
-        else:
+        if not durable:
             self._unflushed[entry_id] = blob_id
 
     def delete_entry(self, entry_id: int) -> None:
@@ -544,10 +546,10 @@ class Metadata:
         fall back to, if ``moved`` is not durable yet, is then the target's durable one, if
         any; never ``moved``'s own previous one, which belonged to the name it left."""
         self.conn.execute("DELETE FROM superseded WHERE entry_id = ?", (moved.id,))
-        if (target is None or moved.durable or moved.blob_id is None
+        if (target is None or self.is_durable(moved) or moved.blob_id is None
                 or target.blob_id is None):
             return
-        if target.durable:
+        if self.is_durable(target):
             self.conn.execute(
                 "INSERT INTO superseded (entry_id, blob_id, size, sha256, mime_type,"
                 " created_at) VALUES (?, ?, ?, ?, ?, ?)",
@@ -558,6 +560,10 @@ class Metadata:
                 "INSERT INTO superseded (entry_id, blob_id, size, sha256, mime_type,"
                 " created_at) SELECT ?, blob_id, size, sha256, mime_type, created_at"
                 " FROM superseded WHERE entry_id = ?", (moved.id, target.id))
+
+    def is_durable(self, e: Entry) -> bool:
+        """Whether ``e``'s version (as read) was on disk, bytes and row, when read."""
+        return e.epoch <= self.durable_epoch
 
     def superseded(self, entry_id: int) -> tuple[str, str, int] | None:
         """(blob_id, sha256, size) of the durable version kept for ``entry_id``, if any."""
@@ -570,8 +576,8 @@ class Metadata:
         """Put the kept durable version back into the entry (start-up, after a power loss
         tore the newer bytes)."""
         self.conn.execute(
-            "UPDATE entries SET (blob_id, size, sha256, mime_type, created_at, durable) ="
-            " (SELECT blob_id, size, sha256, mime_type, created_at, 1 FROM superseded"
+            "UPDATE entries SET (blob_id, size, sha256, mime_type, created_at, epoch) ="
+            " (SELECT blob_id, size, sha256, mime_type, created_at, 0 FROM superseded"
             "  WHERE entry_id = ?) WHERE id = ?", (entry_id, entry_id))
         self.conn.execute("DELETE FROM superseded WHERE entry_id = ?", (entry_id,))
 
@@ -633,42 +639,55 @@ class Metadata:
         ).fetchall()
         return [Entry(*r) for r in rows]
 
-    def unflushed(self, limit: int) -> list[tuple[int, str]]:
-        """Up to ``limit`` (entry id, blob id) pairs this process committed without fsync."""
-        return list(itertools.islice(self._unflushed.items(), limit))
+    def begin_flush(self) -> tuple[int, dict[int, str]]:
+        """A flush starts: it will make durable every version committed before now. Returns
+        its epoch and the blobs to fsync (where the flusher cannot syncfs), by entry id;
+        versions committed from now on belong to the next flush."""
+        epoch, blobs = self.flush_epoch, self._unflushed
+        self.flush_epoch += 1
+        self._unflushed = {}
+        return epoch, blobs
 
-    def forget_unflushed(self, pairs: list[tuple[int, str]]) -> None:
-        """Drop pairs the flusher has dealt with; a pair replaced since (a newer commit of the
-        same entry) stays for the next flush."""
-        for entry_id, blob_id in pairs:
-            if self._unflushed.get(entry_id) == blob_id:
-                del self._unflushed[entry_id]
+    def has_unflushed(self) -> bool:
+        return bool(self._unflushed)
+
+    def abort_flush(self, blobs: dict[int, str]) -> None:
+        """The flush failed before end_flush: the next one takes its blobs over (its epoch is
+        higher, so it covers this one's rows too), but for entries committed again since."""
+        self._unflushed = blobs | self._unflushed
+
+    def end_flush(self, epoch: int, grown: list[tuple[str, int]]) -> None:
+        """Every blob of ``epoch`` and before is on disk, and so are the first ``offset``
+        bytes of each (session id, offset) in ``grown``: one transaction says so. The
+        versions of those epochs no longer need what they superseded."""
+        with self.transaction():
+            # Every flush raises it, so this commit is never empty (schema.py, store_info).
+            self.conn.execute(
+                "INSERT OR REPLACE INTO store_info (name, value) VALUES ('durable_epoch', ?)",
+                (str(epoch),))
+            # One pass over `superseded` (it holds only replacements not yet durable, usually
+            # none), not a statement per row.
+            self.conn.execute(
+                "DELETE FROM superseded WHERE EXISTS (SELECT 1 FROM entries"
+                " WHERE id = superseded.entry_id AND epoch <= ?)", (epoch,))
+            self.set_durable_offsets(grown)
+        self.durable_epoch = epoch
 
     def not_durable_after(self, after_id: int, limit: int) -> list[Entry]:
-        """Rows with durable = 0 in id order, for start-up after an unclean shutdown: one pass
-        over the table by rowid (no index, see schema.py), resumed from ``after_id``."""
+        """Rows above the durable epoch in id order, for start-up after an unclean shutdown:
+        one pass over the table by rowid (no index, see schema.py), resumed from
+        ``after_id``."""
         rows = self.conn.execute(
-            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE id > ? AND durable = 0"
-            " ORDER BY id LIMIT ?", (after_id, limit)
+            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE id > ? AND epoch > ?"
+            " ORDER BY id LIMIT ?", (after_id, self.durable_epoch, limit)
         ).fetchall()
         return [Entry(*r) for r in rows]
 
-    def mark_durable(self, pairs: list[tuple[int, str]]) -> None:
-        """Mark entries durable, but only if they still hold the blob that was fsynced; the
-        versions they superseded are then no longer needed."""
+    def mark_verified(self, pairs: list[tuple[int, str]]) -> None:
+        """Start-up: these (entry id, blob id) versions were verified and fsynced; they are
+        durable whatever the epochs say from now on."""
         self.conn.executemany(
-            "UPDATE entries SET durable = 1 WHERE id = ? AND blob_id = ?", pairs
-        )
-        # One pass over `superseded` (it holds only replacements not yet durable, usually
-        # none), not a statement per row (0.65 us each, a small commit's flush).
-        self.conn.execute(
-            "DELETE FROM superseded WHERE EXISTS"
-            " (SELECT 1 FROM entries WHERE id = superseded.entry_id AND durable = 1)")
-
-    def note_flush(self, now: int) -> None:
-        self.conn.execute(
-            "INSERT OR REPLACE INTO store_info (name, value) VALUES ('flushed_at', ?)",
-            (str(now),))
+            "UPDATE entries SET epoch = 0 WHERE id = ? AND blob_id = ?", pairs)
 
     def blob_ids_sorted(self) -> Iterator[str]:
         """Every blob id a row points at, in order: the orphan scan merges it with the sorted

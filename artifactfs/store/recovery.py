@@ -123,7 +123,7 @@ def _verify_not_durable(store: ArtifactStore) -> None:
             data.remove_blob(e.blob_id)
         data.fsync_blobs([b for _, b in good])
         with meta.transaction():
-            meta.mark_durable(good)
+            meta.mark_verified(good)
     # What is left superseded a version that survived (now durable) or an entry gone: the
     # old blobs become orphans, removed next.
     meta.clear_superseded()

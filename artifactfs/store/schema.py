@@ -32,10 +32,14 @@ _SCHEMA = """
 --            the committed artifact's size in bytes, content digest, mime type and commit time
 --            (Unix seconds). size is 0 and the others NULL while blob_id is NULL.
 --            mime_type of a pending file lives on its session row until commit.
--- durable    1 when the blob's bytes and its directory entry were fsynced; 0 when committed
---            without fsync (the background flusher sets it within seconds). Start-up after an
---            unclean shutdown verifies the rows still at 0 (size and sha256) and drops those
---            whose bytes did not survive.
+-- epoch      0 when the blob's bytes and its directory entry were fsynced at commit (--sync, a
+--            file fsynced before close); else the number of the flush that will make them
+--            durable: the version is durable once store_info 'durable_epoch' >= epoch. The
+--            background flusher syncs every blob committed before it started and then raises
+--            'durable_epoch' in one row, so a commit costs it no row write of its own
+--            (docs/PERFORMANCE.md, "Store"). Start-up after an unclean shutdown verifies the
+--            rows above 'durable_epoch' (size and sha256), drops those whose bytes did not
+--            survive and sets the others to 0.
 -- target     symlinks only: the link target, as given (not a key; may be anything).
 CREATE TABLE IF NOT EXISTS entries (
     id         INTEGER PRIMARY KEY,
@@ -53,7 +57,7 @@ CREATE TABLE IF NOT EXISTS entries (
     sha256     TEXT,
     mime_type  TEXT,
     created_at INTEGER,
-    durable    INTEGER NOT NULL DEFAULT 1,
+    epoch      INTEGER NOT NULL DEFAULT 0,
     target     TEXT
 );
 -- Each committed artifact costs one page write in every index below that holds it; an index
@@ -74,8 +78,9 @@ CREATE INDEX IF NOT EXISTS pending_files ON entries(id) WHERE kind = 'file' AND 
 --   the few directories, symlinks and pending files it meets on the way;
 -- * start-up's orphan-blob scan, which runs only after an unclean shutdown, reads blob_id of
 --   every row once in sorted order (a sort, not an index);
--- * rows with durable = 0: the process that committed them keeps their ids in memory for the
---   flusher, and start-up after an unclean shutdown finds them in one pass over the table.
+-- * rows not durable yet (epoch above 'durable_epoch'): the process that committed them keeps
+--   their blob ids in memory for the flusher, and start-up after an unclean shutdown finds
+--   them in one pass over the table.
 DROP INDEX IF EXISTS artifacts_by_key;
 DROP INDEX IF EXISTS entries_by_blob;
 DROP INDEX IF EXISTS entries_not_durable;
@@ -129,8 +134,9 @@ CREATE TABLE IF NOT EXISTS sessions (
 --            version. Written in the replacing transaction when the entry held a durable
 --            version (a second replace before the flush keeps the first one's row); moved to
 --            the moved file when a rename replaces a file. Deleted in the transaction that
---            marks the new version durable, or that deletes the entry. Its blob is on the
---            doomed list (state.py), unlinked only after that transaction is on disk.
+--            raises 'durable_epoch' to the new version's epoch, or that deletes the entry.
+--            Its blob is on the doomed list (state.py), unlinked only after that
+--            transaction is on disk.
 CREATE TABLE IF NOT EXISTS superseded (
     entry_id   INTEGER PRIMARY KEY,
     blob_id    TEXT NOT NULL,
@@ -142,8 +148,8 @@ CREATE TABLE IF NOT EXISTS superseded (
 
 -- Facts about the store itself: 'schema_version'; 'boot_id' (the kernel's boot id at the last
 -- start: a different one at start-up means the machine restarted, so the page cache is gone);
--- 'flushed_at' (Unix seconds of the last flush,
--- written so that the flusher's synchronous=FULL commit is never empty: an empty commit
+-- 'durable_epoch' (the last flush whose blobs are on disk: rows with an epoch up to it are
+-- durable; every flush raises it, so the flusher's commit is never empty: an empty commit
 -- writes no WAL frame and so fsyncs nothing); 'log_applied' (the number of the last batch of
 -- logged commits this database holds, written by that batch's own COMMIT: start-up redoes
 -- only the lines of commits.log with a higher number, commitlog.py).
@@ -160,6 +166,19 @@ def create_schema(conn: sqlite3.Connection, now_ns: int) -> None:
     columns = {r[1] for r in conn.execute("PRAGMA table_info(sessions)")}
     if "durable_offset" not in columns:  # a data directory made before the column existed
         conn.execute("ALTER TABLE sessions ADD COLUMN durable_offset INTEGER NOT NULL DEFAULT 0")
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(entries)")}
+    if "durable" in columns:  # made before epochs: durable was 1 (fsynced) or 0 (not yet)
+        conn.execute("BEGIN IMMEDIATE")  # all or nothing: a crash midway must not half-do it
+        try:
+            conn.execute("ALTER TABLE entries ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0")
+            # Rows still at 0 are above any 'durable_epoch' (none was written yet): start-up
+            # after an unclean shutdown verifies them, as it did.
+            conn.execute("UPDATE entries SET epoch = 1 WHERE durable = 0")
+            conn.execute("ALTER TABLE entries DROP COLUMN durable")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
     conn.execute(
         "INSERT OR IGNORE INTO entries (id, parent_id, name, key, kind, mode, mtime_ns, ctime_ns)"
         " VALUES (?, NULL, '', '', 'dir', ?, ?, ?)",

@@ -50,8 +50,6 @@ from .writes import MountWrites
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
-# Rows one flush makes durable at most (one fsync_blobs call, one transaction).
-FLUSH_BATCH = 10_000
 
 
 def _ancestors(key: str) -> list[str]:
@@ -575,92 +573,71 @@ class ArtifactStore(MountWrites):
         more; the background flush_async waits out their grace).
 
         Runs the fsyncs inline: call it from a thread-tolerant place (close) or through
-        flush_async. Returns how many rows became durable.
+        flush_async. Returns how many blobs it synced (where it fsyncs each) or had to.
         """
-        total = 0
         self._end_grace(everything=True)
-        while True:
-            doomed, pairs, everything = self._flush_batch()
-            grown = self.meta.sessions_grown()
+        grown = self.meta.sessions_grown()
+        doomed, epoch, blobs = self._begin_flush()
+        try:
+            self.data.fsync_staging([i for i, _ in grown])
+            self.data.fsync_blobs(list(blobs.values()))
+            # One FULL-synchronous commit fsyncs the WAL with every earlier transaction in
+            # it, so after it no row can come back pointing at a blob unlinked below.
+            self.meta.conn.execute("PRAGMA synchronous = FULL")
             try:
-                self.data.fsync_staging([i for i, _ in grown])
-                done = set(self.data.fsync_blobs([b for _, b in pairs]))
-                # One FULL-synchronous commit fsyncs the WAL with every earlier transaction
-                # in it, so after it no row can come back pointing at a blob unlinked below.
-                self.meta.conn.execute("PRAGMA synchronous = FULL")
-                try:
-                    self._mark_durable(pairs, done, grown)
-                finally:
-                    if not self.sync:
-                        self.meta.conn.execute("PRAGMA synchronous = NORMAL")
-            except BaseException:
-                self._doomed[:0] = doomed
-                raise
-            total += self._flushed(pairs, doomed, done)
-            # More than one batch (a burst of commits): close() must leave none behind, or
-            # the clean marker would skip their verification after a power loss.
-            if everything:
-                return total
+                self.meta.end_flush(epoch, grown)
+            finally:
+                if not self.sync:
+                    self.meta.conn.execute("PRAGMA synchronous = NORMAL")
+        except BaseException:
+            self._abort_flush(doomed, blobs)
+            raise
+        return self._flushed(doomed, blobs)
 
     async def flush_async(self) -> int:
         """flush() for the background task: every wait on the disk happens in a thread.
 
-        The rows are marked at synchronous=NORMAL and the WAL is then fsynced in a worker
+        The epoch is recorded at synchronous=NORMAL and the WAL is then fsynced in a worker
         thread (_sync_metadata), which makes that commit and every earlier one durable as a
         FULL commit would, without the trio thread (and every request) waiting on the fsync:
         under another process's heavy writes it took hundreds of ms."""
         self._end_grace()
-        doomed, pairs, _ = self._flush_batch()
         grown = self.meta.sessions_grown()
-        if not pairs and not doomed and not grown:
+        if not self._doomed and not self.meta.has_unflushed() and not grown:
             return 0
+        doomed, epoch, blobs = self._begin_flush()
         try:
             await trio.to_thread.run_sync(self.data.fsync_staging, [i for i, _ in grown])
-            done = set(await trio.to_thread.run_sync(
-                self.data.fsync_blobs, [b for _, b in pairs]))
-            self._mark_durable(pairs, done, grown)
+            await trio.to_thread.run_sync(self.data.fsync_blobs, list(blobs.values()))
+            self.meta.end_flush(epoch, grown)
             await self._sync_metadata()
         except BaseException:
-            self._doomed[:0] = doomed  # unlinked by the next flush that gets this far
+            self._abort_flush(doomed, blobs)
             raise
-        return self._flushed(pairs, doomed, done)
+        return self._flushed(doomed, blobs)
 
-    def _flush_batch(self) -> tuple[list[str], list[tuple[int, str]], bool]:
-        """What one flush may finish: the rows to make durable and the blobs it may unlink
-        once they are, and whether that batch is every row not yet durable.
+    def _begin_flush(self) -> tuple[list[str], int, dict[int, str]]:
+        """What one flush finishes: the blobs doomed so far, which it may unlink once the
+        versions committed so far are durable; and those versions' epoch and blobs.
 
-        A blob is doomed by a delete or a replace, and the bytes of a replace are among the
-        rows not yet durable; the old blob may go only with a flush that covers every such
-        row as of its doom. So both are taken together here, before any wait (a replace
-        committed while the flush waits on the disk is not in its batch), and the doomed
-        are kept back when the batch is not all the rows. Else a power loss could find the
-        new row durable, its bytes torn and the old blob gone (tests/test_power_loss.py).
+        Both taken together here, before any wait: a blob is doomed by a delete or a replace,
+        and a replace's new bytes must be durable before the old blob goes, or a power loss
+        could find the new row durable, its bytes torn and the old blob gone
+        (tests/test_power_loss.py). A replace committed while the flush waits on the disk is
+        in the next epoch, and dooms its old blob for the next flush.
         """
-        pairs = self.meta.unflushed(FLUSH_BATCH + 1)
-        everything = len(pairs) <= FLUSH_BATCH
-        if not everything:
-            return [], pairs[:FLUSH_BATCH], False
         doomed, self._doomed = self._doomed, []
-        return doomed, pairs, True
+        epoch, blobs = self.meta.begin_flush()
+        return doomed, epoch, blobs
 
-    def _flushed(self, pairs: list[tuple[int, str]], doomed: list[str], done: set[str]) -> int:
-        # A blob missing from `done` was gone: its row was deleted, replaced or rolled back
-        # before the flush (fsync_blobs raises on any other failure, keeping every pair).
-        self.meta.forget_unflushed(pairs)
+    def _abort_flush(self, doomed: list[str], blobs: dict[int, str]) -> None:
+        self._doomed[:0] = doomed  # unlinked by the next flush that gets this far
+        self.meta.abort_flush(blobs)
+
+    def _flushed(self, doomed: list[str], blobs: dict[int, str]) -> int:
         for blob_id in doomed:
             self.data.remove_blob(blob_id)
-        return len(done)
-
-    def _mark_durable(self, pairs: list[tuple[int, str]], done: set[str],
-                      grown: list[tuple[str, int]]) -> None:
-        with self.meta.transaction():
-            self.meta.mark_durable([(i, b) for i, b in pairs if b in done])
-            # Upload sessions: the offsets read before their staging files were fsynced.
-            self.meta.set_durable_offsets(grown)
-            # Never an empty commit: it would write no WAL frame and fsync nothing, and a
-            # delete committed at NORMAL could come back after a power loss pointing at a
-            # blob unlinked just below.
-            self.meta.note_flush(int(time.time()))
+        return len(blobs)
 
     def sweep_expired(self) -> int:
         expired = self.meta.expired_sessions(int(time.time()))
