@@ -106,18 +106,33 @@ async def test_opened_for_writing_but_not_written_commits_nothing(
     assert after == before
 
 
-async def test_reader_of_a_file_rewritten_in_the_mount_follows_it(ops: Operations) -> None:
+async def test_reader_of_a_file_rewritten_in_the_mount_keeps_its_version(
+        ops: Operations, store: ArtifactStore) -> None:
     ino = await write_file(ops, "f", b"old bytes")
     r = await ops.open(ino, os.O_RDONLY, CTX)
-    w = await ops.open(ino, os.O_WRONLY | os.O_TRUNC, CTX)
+    # The writer's open moves the name to a new inode (ESTALE: the kernel looks the name up
+    # again and retries), so the reader keeps the version it opened.
+    assert await fuse_errno(ops.open(ino, os.O_WRONLY | os.O_TRUNC, CTX)) == errno.ESTALE
+    moved = (await ops.lookup(ROOT, b"f", CTX)).st_ino
+    assert moved != ino
+    w = await ops.open(moved, os.O_WRONLY | os.O_TRUNC, CTX)
     # A reader needs no FLUSH; a writer commits at its last FLUSH.
     assert r.noflush and not w.noflush
     await ops.write(w.fh, 0, b"new")
-    assert await ops.read(r.fh, 0, 100) == b"new"  # one inode, one file, as on a disk
+    during = await ops.open(moved, os.O_RDONLY, CTX)  # opened while written: the writer's
+    assert await ops.read(during.fh, 0, 100) == b"new"
+    assert await ops.read(r.fh, 0, 100) == b"old bytes"
     await ops.flush(w.fh)
     await ops.release(w.fh)
-    assert await ops.read(r.fh, 0, 100) == b"new"
+    assert (await store.get_artifact("f")).sha256 == sha(b"new")
+    assert await ops.read(r.fh, 0, 100) == b"old bytes"
+    assert (await ops.getattr(ino, CTX)).st_nlink == 0  # as after a rename over the file
+    assert await ops.read(during.fh, 0, 100) == b"new"
+    await ops.release(during.fh)
     await ops.release(r.fh)
+    # With no reader left, a writer keeps the inode.
+    w = await ops.open(moved, os.O_WRONLY | os.O_TRUNC, CTX)
+    await ops.release(w.fh)
 
 
 async def test_replace_by_another_face_gives_a_new_inode(

@@ -144,17 +144,23 @@ async def test_a_writer_moves_the_name_off_an_inode_read_through(
     await ops.release(fresh.fh)
 
 
-async def test_a_truncate_of_an_inode_read_through_moves_its_name(
+async def test_a_truncate_under_a_reader_moves_its_name_first(
         store: ArtifactStore, monkeypatch: pytest.MonkeyPatch) -> None:
     ops = mount_ops(store, monkeypatch, Kernel())
     ino = await commit(ops, "a.bin", b"abcdef")
     reader = await ops.open(ino, os.O_RDONLY, CTX)
     attr = pyfuse3.EntryAttributes()
     attr.st_size = 2
-    got = await ops.setattr(ino, attr, fields(update_size=True), None, CTX)
-    assert got.st_ino == ino and got.st_size == 2
+    # truncate(2) by path: the name moves first, and the kernel's retry truncates the new
+    # inode; the reader's inode keeps its size and bytes.
+    assert await fuse_errno(ops.setattr(ino, attr, fields(update_size=True), None, CTX)
+                            ) == errno.ESTALE
     moved = await ops.lookup(ROOT, b"a.bin", CTX)
-    assert moved.st_ino != ino and moved.st_size == 2
+    assert moved.st_ino != ino and moved.st_size == 6
+    got = await ops.setattr(moved.st_ino, attr, fields(update_size=True), None, CTX)
+    assert got.st_ino == moved.st_ino and got.st_size == 2
+    assert (await ops.getattr(ino, CTX)).st_size == 6
+    assert await ops.read(reader.fh, 0, 10) == b"abcdef"
     await ops.release(reader.fh)
 
 

@@ -69,17 +69,26 @@ def test_overwrite_by_rename_reader_keeps_old(workdir: Path) -> None:
     assert sorted(os.listdir(workdir)) == ["ckpt.bin"]
 
 
-def test_overwrite_in_place_is_like_a_disk(workdir: Path) -> None:
+def test_overwrite_in_place_leaves_a_reader_its_version(workdir: Path) -> None:
+    """A reader keeps the version it opened, as after a rename over the file (SEMANTICS.md,
+    Overwriting): the writer's open moves the name to a new inode."""
     p = workdir / "in_place.txt"
     p.write_bytes(b"old contents")
     with open(p, "rb") as reader:
-        p.write_bytes(b"new")  # open(O_TRUNC) + write: the same inode, as cp does
+        assert reader.read(3) == b"old"
+        p.write_bytes(b"new")  # open(O_TRUNC) + write, as cp does
         reader.seek(0)
-        assert reader.read() == b"new"  # one file, one page cache: readers see the new bytes
-    assert p.read_bytes() == b"new"
+        assert reader.read() == b"old contents"
+        assert os.fstat(reader.fileno()).st_nlink == 0
+        assert p.read_bytes() == b"new"
+        with open(p, "ab") as w:
+            w.write(b"er")
+        reader.seek(0)
+        assert reader.read() == b"old contents"
+    assert p.read_bytes() == b"newer"
 
 
-def test_write_to_file_another_process_reads(workdir: Path) -> None:
+def test_another_process_reading_keeps_its_version_of_a_file_written(workdir: Path) -> None:
     p = workdir / "shared.bin"
     p.write_bytes(b"A" * 8192)
     code = (
@@ -101,7 +110,7 @@ def test_write_to_file_another_process_reads(workdir: Path) -> None:
             w.write(b"tail")
         reader.stdin.write("go\n")
         reader.stdin.flush()
-        assert reader.stdout.readline().split() == ["8196", "A", "l"]
+        assert reader.stdout.readline().split() == ["8192", "A", "A"]
     finally:
         reader.kill()
         reader.wait()

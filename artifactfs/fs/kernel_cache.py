@@ -53,6 +53,9 @@ class KernelCache:
         self._send, self._receive = trio.open_memory_channel[Invalidation](math.inf)
         # Directory inode -> invalidations of it queued or running (bounded by the queue).
         self._pending: Counter[int] = Counter()
+        # Whether a kernel is connected (``run`` started): handlers called without one (the
+        # tests of layer 5) must not reach pyfuse3's notifications.
+        self._live = False
 
     def queue(self, item: Invalidation) -> None:
         """Never blocks (an unbounded queue), never calls the kernel."""
@@ -64,7 +67,17 @@ class KernelCache:
         change (its invalidation is queued or running)."""
         return dir_inode in self._pending
 
+    def drop_attributes(self, inode: int) -> None:
+        """Make the kernel ask the daemon for ``inode``'s attributes again, now, inline (a
+        reader's inode whose name moved away: its fstat must show nlink 0 once the request
+        that moved it is answered). Safe in a handler, unlike the queued kinds: an
+        attribute-only invalidation takes no inode lock and waits for no writeback
+        (fuse_reverse_inval_inode with offset -1)."""
+        if self._live:
+            _quietly(pyfuse3.invalidate_inode, inode, True)
+
     async def run(self) -> None:
+        self._live = True
         async with self._receive:
             async for item in self._receive:
                 try:

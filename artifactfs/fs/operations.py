@@ -247,7 +247,7 @@ class Operations(pyfuse3.Operations):
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         try:
-            return await self._setattr(inode, attr, fields)
+            return await self._setattr(inode, attr, fields, ctx)
         except ArtifactError as exc:
             if exc.errno not in (errno.ENOENT, errno.ESTALE) or not (
                     self._by_inode.get(inode) or self.replaced.version(inode)):
@@ -260,20 +260,24 @@ class Operations(pyfuse3.Operations):
         return self._detached_attrs(inode)
 
     async def _setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
-                       fields: pyfuse3.SetattrFields) -> pyfuse3.EntryAttributes:
+                       fields: pyfuse3.SetattrFields, ctx: pyfuse3.RequestContext | None
+                       ) -> pyfuse3.EntryAttributes:
         if not self.inodes.is_current(inode):
             raise ArtifactError(f"inode {inode:#x} is an older version", errno=errno.ESTALE)
         entry_id = self.inodes.entry_id(inode)
         e: Entry | None = None
-        moved = False
         if fields.update_size:
             self.shared.unshare(inode)  # a new version: new opens must not get the old fd
+            if (self._readers_keep_version(inode) and ctx is not None
+                    and not self.replaced.is_retry(ctx.pid)):
+                # A truncate by path under readers: they keep the version they opened, as
+                # under a writer (``open``); truncate(2) retries ESTALE on the new inode.
+                self._move_name(self.store.entry(entry_id))
+                self.replaced.refused(ctx.pid)
+                log.debug("setattr: inode %#x has readers: its name moved to a new inode (the"
+                          " kernel will retry, thread %d)", inode, ctx.pid)
+                raise pyfuse3.FUSEError(errno.ESTALE)  # not the unlinked-while-open answer
             e = await self.store.truncate(entry_id, attr.st_size)
-            if self.backing.holds(inode):
-                # Readers read this inode through the blob it had (passthrough.py): the new
-                # version gets a new inode, as a writer's would.
-                self._move_name(e)
-                moved = True
         if fields.update_mode or fields.update_uid or fields.update_gid or fields.update_mtime:
             # One of these arrives before every written file closes (the writeback cache's
             # mtime): each query saved here counts (PLATFORM.md: ~50 us per request).
@@ -284,10 +288,7 @@ class Operations(pyfuse3.Operations):
                 gid=attr.st_gid if fields.update_gid else None,
                 mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             )
-        attrs = self._attrs(e if e is not None else self.store.entry(entry_id))
-        if moved:
-            attrs.st_ino = inode  # the reply is about the inode the kernel asked for
-        return attrs
+        return self._attrs(e if e is not None else self.store.entry(entry_id))
 
     # --- directories -----------------------------------------------------------------------
 
@@ -446,17 +447,24 @@ class Operations(pyfuse3.Operations):
                 raise
             return await self._open_replaced(inode, flags, ctx.pid, retry)
         read_only = flags & os.O_ACCMODE == os.O_RDONLY
-        if not read_only and self.backing.holds(inode):
-            # A writer must not share the blob its readers read through (passthrough.py): the
-            # name moves to a new inode, and the kernel's retry opens that one.
-            if retry:
+        if not read_only:
+            self.shared.unshare(inode)  # new readers of the inode must read the writer's bytes
+        if not read_only and self._readers_keep_version(inode):
+            # Readers keep the version they opened (SEMANTICS.md, Overwriting): the name moves
+            # to a new inode, and the kernel's retry opens that one for the writer.
+            if retry and self.backing.holds(inode):
+                # Readers opened the new inode through its blob since (passthrough.py): a
+                # writer must not share that blob, and the kernel retries only once.
                 raise ArtifactError(f"{e.key} is being read through its blob; it moved to a"
                                     " new inode, which is read through too", errno=errno.ETXTBSY)
-            self._move_name(e)
-            self.replaced.refused(ctx.pid)
-            raise ArtifactError(f"{e.key} is read through its blob: its name moved to a new"
-                                f" inode (the kernel will retry, thread {ctx.pid})",
-                                errno=errno.ESTALE)
+            if not retry:
+                self._move_name(e)
+                self.replaced.refused(ctx.pid)
+                raise ArtifactError(f"{e.key} has readers: its name moved to a new inode"
+                                    f" (the kernel will retry, thread {ctx.pid})",
+                                    errno=errno.ESTALE)
+            # The retry found readers that opened the new inode during this open(2): they
+            # read this writer's bytes, as opens made while a file is written do.
         if read_only and not flags & os.O_TRUNC:
             shared = self._open_shared(inode, e)
             if shared is not None:
@@ -465,8 +473,6 @@ class Operations(pyfuse3.Operations):
             fd = self.store.open_read(e.id)
             h = FileHandle(inode=inode, entry_id=e.id, entry=e, fd=fd)
             return self._opened(h, flags)
-        # A writer: new readers of the inode must read its bytes (per-open handles do).
-        self.shared.unshare(inode)
         if flags & os.O_TRUNC:
             ws = await self.store.open_write(e.id, truncate=True)
             h = FileHandle(inode=inode, entry_id=e.id, entry=self.store.entry(e.id), ws=ws,
@@ -536,17 +542,30 @@ class Operations(pyfuse3.Operations):
             return None
         return self.backing.open(h.inode, h.fd)
 
+    def _readers_keep_version(self, inode: int) -> bool:
+        """Whether a change of ``inode``'s content through the mount must first move its name
+        to a new inode: descriptors opened for reading hold it (a shared handle an open
+        holds included; call after ``shared.unshare``) and no writer does. Readers keep the
+        version they opened (DESIGN §2, §3); readers that opened while a writer had the file
+        open read the writer's bytes, and a second writer joins the first's session."""
+        handles = self._by_inode.get(inode, ())
+        return bool(handles) and not any(h.writable for h in handles)
+
     def _move_name(self, e: Entry) -> None:
         """Give ``e``'s name a new inode number, leaving the kernel's readers of the old one
-        (which read it through its blob) the version they opened; the kernel is told to drop
-        the name, as after another face's replacement (``_changed_elsewhere``). The old number
-        is not retired (replaced.py): an open that still names it fails with ESTALE rather than
-        write into a detached copy."""
+        (its pages and size, or its blob as backing file) the version they opened; the kernel
+        is told to drop the name, as after another face's replacement (``_changed_elsewhere``).
+        The old number is not retired (replaced.py): an open that still names it fails with
+        ESTALE rather than write into a detached copy."""
         self._removals += 1
         if e.parent_id is not None:
             self._dir_changes[e.parent_id] = next(self._change_numbers)
             self.cache.queue(Invalidation("name", self.inodes.inode(e.parent_id), e.name))
-        self.shared.unshare(self.inodes.replace(e.id))
+        old = self.inodes.replace(e.id)
+        self.shared.unshare(old)
+        for h in self._by_inode.get(old, ()):
+            h.entry = e  # fstat of the old inode: its attributes as they were at the move
+        self.cache.drop_attributes(old)  # and nlink 0, as after a rename over the file
 
     async def _open_replaced(self, inode: int, flags: int, pid: int, retry: bool
                              ) -> pyfuse3.FileInfo:
