@@ -17,12 +17,13 @@ therefore happens at the FLUSH of the last writable handle (flush is synchronous
 and a handle written to again after that (a dup'd descriptor, a shared mapping) joins a fresh
 session that commits at its own last flush or release.
 
-Within the mount one inode is one file, as on a disk: the kernel's page cache is shared by every
-handle of an inode, so a reader of a file being rewritten through the mount reads the writer's
-bytes, and after the commit its handle follows the new version. A reader keeps its old bytes
-when the name is replaced by rename or by another face (which gives the name a new inode,
-inodes.py), or when the file is unlinked. An open racing such a replacement gets one whole
-version, old or new, never ESTALE (replaced.py).
+A reader keeps the version it opened (docs/SEMANTICS.md, Overwriting): when a file that
+descriptors hold open for reading is opened for writing or truncated through the mount, its
+name first moves to a new inode (``_move_name``; the kernel's retry of the ESTALE answer reaches
+the new one), as when the name is replaced by rename or by another face (inodes.py) or the file
+is unlinked. Handles opened while a writer has the inode open share its page cache and read the
+writer's bytes, and after the commit they follow the new version. An open racing a replacement
+gets one whole version, old or new, never ESTALE (replaced.py).
 
 Inode numbers are entry ids plus a version (inodes.py); every handler maps the kernel's inode to
 the entry id before asking the store.
@@ -30,7 +31,7 @@ the entry id before asking the store.
 With ``passthrough`` (``artifactfs mount --passthrough``, where kernel and pyfuse3 allow it),
 read-only opens of committed versions are answered with the blob as a backing file and the
 kernel reads it without the daemon; the writeback cache is then off. passthrough.py says which
-opens, and what a reader that opened before an in-place rewrite sees then.
+opens.
 """
 
 from __future__ import annotations

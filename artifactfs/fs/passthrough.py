@@ -28,11 +28,10 @@ backing file it would take the disk's alignment rules). A change of the content 
 mount while the kernel reads the inode through its blob (an open for writing, a truncate) moves
 the name to a new inode first, as another face's replacement does (inodes.py, replaced.py): the
 writer's OPEN is answered ESTALE, the kernel looks the name up again and opens the new inode,
-which is cached; the readers that opened before keep reading the version they opened, as after
-a rename over the file, until they reopen. That is why passthrough is a mount option
-(``--passthrough``), not the default: the default mount shows an in-place rewrite through the
-mount to every reader of the inode, one page cache per inode, as on a disk (tests/test_mount_posix
-.py and test_mount_listing_cache.py check it; tests/test_mount_passthrough.py checks this mode).
+which is cached; the readers that opened before keep reading the version they opened, as
+after a rename over the file, until they reopen. That is the mount's rule in either mode
+(docs/SEMANTICS.md, Overwriting; operations.py moves the name whenever readers hold the inode),
+so passthrough changes speed, not meaning.
 Since the content of an inode changes only through its page cache (cached writes, no writeback
 cache) or by moving its name away, cached opens keep ``keep_cache``.
 """
