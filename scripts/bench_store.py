@@ -177,8 +177,8 @@ def sql_floor(root: Path, n: int) -> float:
                          (key, key.rpartition("/")[0])).fetchall()
             conn.execute(
                 "INSERT INTO entries (parent_id, name, key, kind, mode, mtime_ns, ctime_ns,"
-                " blob_id, size, sha256, mime_type, created_at, durable) VALUES"
-                " (1, ?, ?, 'file', 420, 1, 1, ?, 1024, ?, 'a/b', 1, 0)",
+                " blob_id, size, sha256, mime_type, created_at, epoch) VALUES"
+                " (1, ?, ?, 'file', 420, 1, 1, ?, 1024, ?, 'a/b', 1, 1)",
                 (key.rpartition("/")[2], key, os.urandom(16).hex(), "0" * 64))
     elapsed = time.perf_counter() - t0
     meta.close()
@@ -295,8 +295,8 @@ async def bench_queries(base: Path, n_artifacts: int, big_dir: int) -> None:
         # The next two run only after an unclean shutdown, once each: one pass over the table
         # (schema.py says why they have no index: every commit would pay for it).
         show_plan("start-up after a crash (not_durable)", plan(
-            store, f"SELECT {E} FROM entries WHERE id > ? AND durable = 0 ORDER BY id LIMIT ?",
-            (0, 1000)))
+            store, f"SELECT {E} FROM entries WHERE id > ? AND epoch > ? ORDER BY id LIMIT ?",
+            (0, 0, 1000)))
         show_plan("start-up after a crash (orphan blobs)", plan(
             store, "SELECT blob_id FROM entries WHERE blob_id IS NOT NULL ORDER BY blob_id", ()))
         show_plan("start-up (pending files)", plan(

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import trio
-from storeutil import check_invariants, put, read, sha, snapshot
+from storeutil import check_invariants, fsck_clean, put, read, sha, snapshot
 
-from artifactfs import Conflict, NotFound, open_store
+from artifactfs import Conflict, InvalidArgument, NotFound, open_store
 from artifactfs.store import ArtifactStore
 
 
@@ -115,6 +115,54 @@ async def test_size_zero_session_survives_a_restart_and_commits(tmp_path: Path) 
         art = await store.upload_content_to_session(s.id, b"", 0)
         assert art is not None and art.size == 0
         assert read(store, "zero") == b""
+
+
+async def test_a_whole_upload_in_one_call_needs_no_staging_file(tmp_path: Path) -> None:
+    """A session's staging file is made by its first bytes; one call bringing them all
+    writes the blob directly. A session that received nothing has no file, survives a
+    restart and fsck as it is, and takes its bytes later."""
+    content = os.urandom(3000)
+    async with open_store(tmp_path / "d") as store:
+        s = await store.create_upload_session("whole/a.bin", "application/x-a", len(content))
+        later = await store.create_upload_session("whole/later.bin", "text/plain", 5)
+        assert list(store.data.iter_staging_ids()) == []
+        art = await store.upload_content_to_session(s.id, content, 0)
+        assert art is not None and (art.size, art.sha256) == (len(content), sha(content))
+        assert art.mime_type == "application/x-a"
+        assert list(store.data.iter_staging_ids()) == []
+        with pytest.raises(NotFound):
+            await store.get_upload_session_info(s.id)
+    fsck_clean(tmp_path / "d")
+    async with open_store(tmp_path / "d") as store:
+        assert read(store, "whole/a.bin") == content
+        assert (await store.get_upload_session_info(later.id)).offset == 0
+        assert await store.upload_content_to_session(later.id, b"ab", 0) is None
+        assert list(store.data.iter_staging_ids()) == [later.id]  # made by its first bytes
+        assert await store.upload_content_to_session(later.id, b"cde", 2) is not None
+        assert read(store, "whole/later.bin") == b"abcde"
+        check_invariants(store)
+
+
+async def test_a_whole_upload_whose_commit_fails_can_be_sent_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with open_store(tmp_path / "d") as store:
+        s = await store.create_upload_session("again/a.bin", "text/plain", 4)
+
+        def broken(*args: object, **kwargs: object) -> None:
+            raise OSError(5, "Input/output error")
+
+        with monkeypatch.context() as m:
+            m.setattr(store, "_install", broken)
+            with pytest.raises(OSError):
+                await store.upload_content_to_session(s.id, b"abcd", 0)
+        assert list(store.data.iter_blob_ids()) == []  # the new blob went with the failure
+        assert (await store.get_upload_session_info(s.id)).offset == 0
+        with pytest.raises(InvalidArgument):
+            await store.upload_content_to_session(s.id, "abcd", 0)  # type: ignore[arg-type]
+        assert await store.upload_content_to_session(s.id, b"abcd", 0) is not None
+        assert read(store, "again/a.bin") == b"abcd"
+        check_invariants(store)
 
 
 async def test_expired_sessions_are_refused_and_swept_with_their_bytes(tmp_path: Path) -> None:

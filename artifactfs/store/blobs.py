@@ -5,7 +5,8 @@ Layout::
     DATA/lock                 flock'ed by the owning process; holds its pid
     DATA/meta.db              the metadata database (schema.py)
     DATA/commits.log          commits acknowledged but not yet in meta.db (commitlog.py)
-    DATA/staging/<session>    bytes of an upload session, written in place
+    DATA/staging/<session>    bytes of an upload session, written in place (made by its first
+                              bytes; a session given all of them at once never has one)
     DATA/blobs/<id[:2]>/<id>  committed bytes, named by a random id, never by key
 
 A commit hard-links the staging file into blobs/ before the database points at it, and unlinks
@@ -142,9 +143,11 @@ class DataDir:
         except OSError as exc:
             raise from_os_error(exc, "a new upload session") from exc
 
-    def open_staging(self, session_id: str) -> int:
-        """Open a staging file read-write (the kernel's writeback cache may read it back)."""
-        return os.open(self._staged(session_id), os.O_RDWR | os.O_CLOEXEC)
+    def open_staging(self, session_id: str, *, create: bool = False) -> int:
+        """Open a staging file read-write (the kernel's writeback cache may read it back);
+        ``create``: make it if it is not there yet (an upload session's first bytes)."""
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        return os.open(self._staged(session_id), flags, 0o600)
 
     def staging_exists(self, session_id: str) -> bool:
         return self.staging_path(session_id).exists()

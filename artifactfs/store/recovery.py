@@ -62,8 +62,7 @@ def recover(store: ArtifactStore) -> None:
             try:
                 length = os.stat(data.staging_path(s.id)).st_size
             except FileNotFoundError:
-                data.create_staging(s.id)
-                length = 0
+                length = 0  # nothing received yet (the first bytes make the file), or lost
             # After a power loss the file's length may have survived with a page inside it
             # lost: resume from what the flusher had fsynced (schema.py, durable_offset).
             keep = min(s.offset, length,
@@ -261,7 +260,7 @@ def _check_sessions(store: ArtifactStore, report: FsckReport, repair: bool) -> N
             gone = f"mount write session {s.id} for {s.key} outlived its daemon"
         elif s.expires_at is not None and s.expires_at <= now:
             gone = f"upload session {s.id} for {s.key} has expired"
-        elif length is None:
+        elif length is None and s.offset > 0:
             gone = f"upload session {s.id} for {s.key} has no staging file"
         elif s.size is None or not 0 <= s.offset <= s.size:
             gone = f"upload session {s.id} for {s.key} has offset {s.offset} of size {s.size}"
@@ -275,7 +274,8 @@ def _check_sessions(store: ArtifactStore, report: FsckReport, repair: bool) -> N
                         meta.delete_entry(e.id)
                 data.remove_staging(s.id)
             continue
-        assert length is not None
+        if length is None:  # offset 0: nothing received yet, so no file yet
+            continue
         if length < s.offset:
             report.damage(
                 f"upload session {s.id} for {s.key}: {s.offset} bytes acknowledged,"

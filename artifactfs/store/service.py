@@ -168,22 +168,22 @@ class ArtifactStore(MountWrites):
             id=secrets.token_urlsafe(18), origin="http", key=key, entry_id=None, size=size,
             offset=0, mime_type=mime_type, created_at=now, expires_at=now + self.session_ttl,
         )
-        self.data.create_staging(row.id)
-        try:
-            # The check and the insert share one transaction: one lock round instead of one
-            # per statement (docs/PERFORMANCE.md, "Store").
-            with self.meta.logged("session", row.fields()):
-                self._check_can_hold_file(key)
-                self.meta.insert_session(row)
-        except BaseException:
-            self.data.remove_staging(row.id)
-            raise
+        # No staging file yet: the first bytes make it (_receive), and an upload that brings
+        # all of them at once never needs one (upload_stream). A session at offset 0 without
+        # its file is one that has received nothing.
+        # The check and the insert share one transaction: one lock round instead of one per
+        # statement (docs/PERFORMANCE.md, "Store").
+        with self.meta.logged("session", row.fields()):
+            self._check_can_hold_file(key)
+            self.meta.insert_session(row)
         log.info("upload session %s opened for %s (%d bytes)", row.id, key, size)
         return self._session_response(row)
 
     async def upload_content_to_session(
         self, upload_id: str, content: bytes, offset: int | None = None
     ) -> ArtifactResponse | None:
+        if not isinstance(content, bytes | bytearray | memoryview):
+            raise InvalidArgument(f"content must be bytes, not {type(content).__name__}")
         return await self.upload_stream(upload_id, [content], offset=offset, length=len(content))
 
     async def upload_stream(
@@ -220,6 +220,11 @@ class ArtifactStore(MountWrites):
                            offset=s.offset)
         self._uploading.add(upload_id)
         try:
+            if (s.offset == 0 and length == s.size and s.size <= INLINE_IO_BYTES
+                    and isinstance(chunks, list) and len(chunks) == 1):
+                # The whole artifact, in memory (upload_content_to_session): straight to its
+                # blob, as put_artifact, with no staging file to write, link and unlink.
+                return await self._commit_upload(s, content=chunks[0])
             pos, digest = await self._receive(s, chunks)
             if pos == s.size:
                 return await self._commit_upload(s, digest)
@@ -239,7 +244,7 @@ class ArtifactStore(MountWrites):
         """
         assert s.size is not None
         try:
-            fd = self.data.open_staging(s.id)
+            fd = self.data.open_staging(s.id, create=s.offset == 0)
         except FileNotFoundError:
             raise NotFound(f"upload session {s.id} lost its bytes; create a new one") from None
         pos = s.offset
@@ -439,20 +444,25 @@ class ArtifactStore(MountWrites):
     # --- commit ----------------------------------------------------------------------------
 
     async def _commit_upload(
-        self, s: SessionRow, digest: tuple[str, int] | None = None
+        self, s: SessionRow, digest: tuple[str, int] | None = None, *,
+        content: bytes | None = None,
     ) -> ArtifactResponse:
         """An http session is complete: its bytes become the artifact at s.key, atomically.
 
-        ``digest`` is the (sha256, size) the request computed as the bytes went by, if it did.
+        ``digest`` is the (sha256, size) the request computed as the bytes went by, if it did;
+        ``content`` the whole artifact, when one call brought it all (no staging file).
         """
-        if digest is None:
-            fd = self.data.open_staging(s.id)
-            try:
-                digest = await self._digest(fd)
-            finally:
-                os.close(fd)
-        sha, size = digest
-        blob_id = await self._publish(s.id, self.sync)
+        if content is not None:
+            blob_id, sha, size = await self._write_blob(content, f"upload session {s.id}")
+        else:
+            if digest is None:
+                fd = self.data.open_staging(s.id)
+                try:
+                    digest = await self._digest(fd)
+                finally:
+                    os.close(fd)
+            sha, size = digest
+            blob_id = await self._publish(s.id, self.sync)
         try:
             artifact = self._install(s.key, blob_id, sha, size, s.mime_type, session_id=s.id)
         except ArtifactError:
@@ -464,7 +474,8 @@ class ArtifactStore(MountWrites):
         except BaseException:
             self.data.remove_blob(blob_id)
             raise
-        self.data.remove_staging(s.id)
+        if content is None:
+            self.data.remove_staging(s.id)
         return artifact
 
     async def put_artifact(
@@ -482,8 +493,19 @@ class ArtifactStore(MountWrites):
         validate_mime_type(mime_type)
         if not isinstance(content, bytes | bytearray | memoryview):
             raise InvalidArgument(f"content must be bytes, not {type(content).__name__}")
+        blob_id, sha, size = await self._write_blob(content, f"artifact {key}")
+        try:
+            return self._install(key, blob_id, sha, size, mime_type)
+        except BaseException:
+            self.data.remove_blob(blob_id)
+            raise
+
+    async def _write_blob(self, content: bytes | bytearray | memoryview,
+                          what: str) -> tuple[str, str, int]:
+        """A new blob holding ``content``, not yet pointed at: (blob id, sha256, size). A
+        crash before a row points at it leaves an orphan that start-up removes."""
         size = len(content)
-        self.data.check_space(size, f"artifact {key}")
+        self.data.check_space(size, what)
         if size <= INLINE_IO_BYTES:
             sha = hashlib.sha256(content).hexdigest()
         else:
@@ -494,11 +516,7 @@ class ArtifactStore(MountWrites):
                 lambda: self.data.write_blob(blob_id, content, durable=True))
         else:
             self.data.write_blob(blob_id, content, durable=False)
-        try:
-            return self._install(key, blob_id, sha, size, mime_type)
-        except BaseException:
-            self.data.remove_blob(blob_id)
-            raise
+        return blob_id, sha, size
 
     def _install(self, key: str, blob_id: str, sha: str, size: int, mime_type: str, *,
                  session_id: str | None = None, redo_at: int | None = None
