@@ -1,7 +1,7 @@
 """The ``artifactfs`` command: parses options and hands them to the module that does the work.
 
     artifactfs mount MOUNTPOINT [--data DIR] [--http ADDR] [--token T] [--foreground] [--sync]
-                     [--passthrough]
+                     [--no-passthrough]
     artifactfs umount MOUNTPOINT
     artifactfs serve --http ADDR [--data DIR] [--token T]
     artifactfs put FILE KEY | get KEY [FILE] | ls [PREFIX] | info KEY | rm KEY...   (over HTTP)
@@ -47,10 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync", action="store_true", help="fsync every commit before it returns")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users see the mount (default: only the mounting user)")
-    p.add_argument("--passthrough", action="store_true",
-                   help="the kernel reads committed artifacts straight from their blobs (Linux"
-                        " >= 6.9, root); readers opened before an in-place rewrite keep the"
-                        " version they opened")
+    p.add_argument("--passthrough", action=argparse.BooleanOptionalAction, default=True,
+                   help="the kernel reads committed artifacts straight from their blobs (the"
+                        " default; Linux >= 6.9 and CAP_SYS_ADMIN, else the mount says so in"
+                        " its log and the daemon serves reads); --no-passthrough: the daemon"
+                        " serves every read, with the kernel's writeback cache")
 
     p = sub.add_parser("umount", help="unmount a mount point")
     p.add_argument("mountpoint", type=Path)

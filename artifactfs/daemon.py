@@ -176,8 +176,7 @@ def _child_argv(args: argparse.Namespace, mountpoint: str, data_dir: Path) -> li
         argv.append("--sync")
     if args.allow_other:
         argv.append("--allow-other")
-    if args.passthrough:
-        argv.append("--passthrough")
+    argv.append("--passthrough" if args.passthrough else "--no-passthrough")
     return argv
 
 

@@ -56,7 +56,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="run artifactfs as of this git commit (e.g. HEAD) instead of the working"
                    " tree, which others may be editing")
     p.add_argument("--afs-opt", action="append", default=[], metavar="OPT",
-                   help="an option for `artifactfs mount`, e.g. --afs-opt=--passthrough"
+                   help="an option for `artifactfs mount`, e.g. --afs-opt=--no-passthrough"
                         " (repeatable)")
     p.add_argument("--afs-src", type=Path, default=None, metavar="DIR",
                    help="run artifactfs from DIR/artifactfs (a variant being evaluated)")

@@ -100,7 +100,8 @@ def start_daemon(mount_point: Path, data_dir: Path, log_path: Path, *extra: str,
     port = free_port()
     # ARTIFACTFS_TEST_DEBUG=1 logs every request the daemon refuses (daemon.log in the tmp dir).
     verbose = ["-v"] if os.environ.get("ARTIFACTFS_TEST_DEBUG") else []
-    # ARTIFACTFS_TEST_MOUNT_OPTS="--passthrough" runs every mount test on such a mount.
+    # ARTIFACTFS_TEST_MOUNT_OPTS="--no-passthrough" runs every mount test on such a mount
+    # (tests/test_mount_no_passthrough.py covers what differs there in every run).
     extra = (*os.environ.get("ARTIFACTFS_TEST_MOUNT_OPTS", "").split(), *extra)
     argv = [sys.executable, "-m", "artifactfs.cli", *verbose, "mount", os.fspath(mount_point),
             "--data", os.fspath(data_dir), "--foreground", *extra]
@@ -189,10 +190,12 @@ def mounted(base: Path, *extra: str, http: bool = True) -> Iterator[Mount]:
         assert "Traceback" not in log, log[-4000:]
 
 
-def mount_fixture() -> object:
+def mount_fixture(*extra: str) -> object:
+    """The module's mount, with ``extra`` options (after ARTIFACTFS_TEST_MOUNT_OPTS: they
+    win)."""
     @pytest.fixture(scope="module", name="mount")
     def fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
-        with mounted(tmp_path_factory.mktemp("mount")) as m:
+        with mounted(tmp_path_factory.mktemp("mount"), *extra) as m:
             yield m
 
     return fixture

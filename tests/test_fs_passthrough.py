@@ -18,6 +18,7 @@ import pytest
 from opsutil import fields, fuse_errno
 
 from artifactfs import ArtifactStore, open_store
+from artifactfs.fs import operations as ops_module
 from artifactfs.fs.operations import Operations
 
 ROOT = pyfuse3.ROOT_INODE
@@ -53,6 +54,7 @@ async def store(tmp_path: Path) -> AsyncIterator[ArtifactStore]:
 def mount_ops(store: ArtifactStore, monkeypatch: pytest.MonkeyPatch, kernel: Kernel, *,
               agreed: bool = True) -> Operations:
     monkeypatch.setattr(pyfuse3, "passthrough_enabled", lambda: agreed)
+    monkeypatch.setattr(ops_module, "passthrough_privileged", lambda: True)
     monkeypatch.setattr(pyfuse3, "passthrough_open", kernel.passthrough_open)
     monkeypatch.setattr(pyfuse3, "passthrough_close", kernel.passthrough_close)
     # share_reads off: handlers called directly get no opens counted by pyfuse3's C side

@@ -38,16 +38,16 @@ async def serve_mount(
     mountpoint: str,
     *,
     allow_other: bool = False,
-    passthrough: bool = False,
+    passthrough: bool = True,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Mount ``store`` at ``mountpoint`` and answer the kernel until unmounted or cancelled.
 
     ``task_status.started()`` is called once the kernel has connected. Returns when someone
     unmounts (``fusermount3 -u``, ``artifactfs umount``); on cancellation (SIGINT/SIGTERM in
-    the daemon) it unmounts itself, lazily if files are still open. ``passthrough`` asks the
-    kernel to read committed artifacts from their blobs (passthrough.py; logged at INIT when it
-    cannot, and the mount then works as without it).
+    the daemon) it unmounts itself, lazily if files are still open. ``passthrough`` (the
+    default) asks the kernel to read committed artifacts from their blobs (passthrough.py;
+    logged at INIT when it cannot, and the mount then works as without it).
     """
     cache = KernelCache()
     raise_fd_limit()  # before Operations sizes its shared read handles to it

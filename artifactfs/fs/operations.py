@@ -28,7 +28,7 @@ gets one whole version, old or new, never ESTALE (replaced.py).
 Inode numbers are entry ids plus a version (inodes.py); every handler maps the kernel's inode to
 the entry id before asking the store.
 
-With ``passthrough`` (``artifactfs mount --passthrough``, where kernel and pyfuse3 allow it),
+With ``passthrough`` (the mount's default, where kernel, pyfuse3 and privilege allow it),
 read-only opens of committed versions are answered with the blob as a backing file and the
 kernel reads it without the daemon; the writeback cache is then off. passthrough.py says which
 opens.
@@ -55,6 +55,7 @@ from .inodes import InodeMap
 from .kernel_cache import Invalidation, KernelCache
 from .passthrough import BackingFiles
 from .passthrough import available as passthrough_available
+from .passthrough import privileged as passthrough_privileged
 from .reading import read_reply
 from .replaced import ReplacedVersions
 from .shared_reads import SharedReads
@@ -83,8 +84,9 @@ class Operations(pyfuse3.Operations):
         self.store = store
         # Read by the patched pyfuse3 at INIT (passthrough.py): when the kernel offers
         # passthrough it is asked for instead of the writeback cache.
-        self.enable_passthrough = passthrough and passthrough_available()
         self._passthrough_asked = passthrough
+        self._privileged = passthrough and passthrough_privileged()
+        self.enable_passthrough = passthrough and passthrough_available() and self._privileged
         self.backing = BackingFiles(enabled=False)
         self.cache = cache or KernelCache()
         self.inodes = InodeMap()
@@ -123,17 +125,24 @@ class Operations(pyfuse3.Operations):
             log.warning("pyfuse3 %s cannot keep directory listings in the kernel or skip "
                         "FLUSH (not the build of scripts/setup): every listing and close "
                         "reaches the daemon", pyfuse3.__version__)
-        if self._passthrough_asked:
-            self._init_passthrough()
+        self._init_passthrough()
 
     def _init_passthrough(self) -> None:
-        """Log once what the mount's reads will use: the fallback is today's path."""
-        if not self.enable_passthrough:
-            log.warning("passthrough asked for, but pyfuse3 %s cannot ask the kernel for it"
+        """Log once, in one line, what the mount's reads will use: where passthrough cannot
+        be had, the daemon serves reads with the writeback cache, as with --no-passthrough."""
+        if not self._passthrough_asked:
+            log.info("passthrough off (--no-passthrough): reads are served by the daemon,"
+                     " with the writeback cache")
+        elif not self._privileged:
+            log.warning("passthrough unavailable: the daemon lacks CAP_SYS_ADMIN, which the"
+                        " kernel's backing files need; reads are served by the daemon, with"
+                        " the writeback cache")
+        elif not self.enable_passthrough:
+            log.warning("passthrough unavailable: pyfuse3 %s cannot ask the kernel for it"
                         " (not the build of scripts/setup, libfuse >= 3.16): reads are served"
-                        " by the daemon", pyfuse3.__version__)
+                        " by the daemon, with the writeback cache", pyfuse3.__version__)
         elif not pyfuse3.passthrough_enabled():
-            log.warning("passthrough asked for, but the kernel does not offer it (Linux >= 6.9"
+            log.warning("passthrough unavailable: the kernel does not offer it (Linux >= 6.9"
                         " with CONFIG_FUSE_PASSTHROUGH): reads are served by the daemon, with"
                         " the writeback cache")
         else:

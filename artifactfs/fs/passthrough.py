@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 from dataclasses import dataclass
 
 import pyfuse3
@@ -50,6 +51,21 @@ log = logging.getLogger("artifactfs.fs")
 def available() -> bool:
     """Whether this pyfuse3 can ask for passthrough (the build of scripts/setup)."""
     return hasattr(pyfuse3, "passthrough_enabled") and hasattr(pyfuse3.FileInfo, "backing_id")
+
+
+CAP_SYS_ADMIN = 21
+
+
+def privileged() -> bool:
+    """Whether this process may register backing files (CAP_SYS_ADMIN). Asked before INIT:
+    without it every backing-file ioctl fails with EPERM, and asking the kernel for
+    passthrough would only cost the writeback cache."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            caps = next(line for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return os.geteuid() == 0
+    return bool(int(caps.split()[1], 16) >> CAP_SYS_ADMIN & 1)
 
 
 @dataclass

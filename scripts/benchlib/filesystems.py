@@ -189,7 +189,7 @@ class ArtifactFS(FileSystem):
     # working tree (which other engineers may be editing while the bench runs).
     src: Path | None = None
     rev: str | None = None
-    # Set by bench.py --afs-opt: extra `artifactfs mount` options (e.g. --passthrough).
+    # Set by bench.py --afs-opt: extra `artifactfs mount` options (e.g. --no-passthrough).
     options: list[str] = []  # noqa: RUF012 (set once, before any instance)
 
     def __init__(self, work: Path, data: Path | None = None, label: str = "artifactfs") -> None:
