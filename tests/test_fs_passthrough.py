@@ -19,6 +19,7 @@ from opsutil import fields, fuse_errno
 
 from artifactfs import ArtifactStore, open_store
 from artifactfs.fs import operations as ops_module
+from artifactfs.fs import shared_reads
 from artifactfs.fs.operations import Operations
 
 ROOT = pyfuse3.ROOT_INODE
@@ -52,14 +53,14 @@ async def store(tmp_path: Path) -> AsyncIterator[ArtifactStore]:
 
 
 def mount_ops(store: ArtifactStore, monkeypatch: pytest.MonkeyPatch, kernel: Kernel, *,
-              agreed: bool = True) -> Operations:
+              agreed: bool = True, share_reads: bool = False) -> Operations:
     monkeypatch.setattr(pyfuse3, "passthrough_enabled", lambda: agreed)
     monkeypatch.setattr(ops_module, "passthrough_privileged", lambda: True)
     monkeypatch.setattr(pyfuse3, "passthrough_open", kernel.passthrough_open)
     monkeypatch.setattr(pyfuse3, "passthrough_close", kernel.passthrough_close)
     # share_reads off: handlers called directly get no opens counted by pyfuse3's C side
     # (test_fs_operations.py says why); without passthrough they would share read handles.
-    ops = Operations(store, passthrough=True, share_reads=False)
+    ops = Operations(store, passthrough=True, share_reads=share_reads)
     assert ops.enable_passthrough  # what pyfuse3 reads at INIT
     ops.init()
     return ops
@@ -208,3 +209,33 @@ async def test_without_passthrough_the_mount_serves_reads_as_before(
     said = [r.getMessage() for r in caplog.records
             if r.levelno == logging.WARNING and "passthrough" in r.getMessage()]
     assert len(said) == 1, said  # once: at mount, or at the kernel's first refusal
+
+
+@pytest.mark.skipif(not shared_reads.PASSTHROUGH,
+                    reason="pyfuse3 without the shared-passthrough patch of scripts/setup")
+async def test_a_shared_read_handle_holds_its_inodes_backing_id_until_it_closes(
+        store: ArtifactStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyfuse3 answers later opens of a shared inode in C with the backing id the shared
+    handle holds (shared_reads.py): registered once, kept while the handle is shared (no
+    opens are counted here: handlers are called directly), closed when it is unshared."""
+    kernel = Kernel()
+    ops = mount_ops(store, monkeypatch, kernel, share_reads=True)
+    try:
+        ino = await commit(ops, "a.bin", b"abc")
+        first = await ops.open(ino, os.O_RDONLY, CTX)
+        assert first.backing_id and not first.keep_cache and first.noflush
+        assert pyfuse3.shared_read_handle(ino) == first.fh
+        direct = await ops.open(ino, os.O_RDONLY | os.O_DIRECT, CTX)
+        assert (direct.fh, direct.backing_id, direct.direct_io) == (
+            first.fh, first.backing_id, True)
+        assert kernel.open_ids == {first.backing_id}  # one id, idle or not
+        # A writer unshares the inode first: the idle handle closes, and its backing id.
+        writer = await ops.open(ino, os.O_RDWR, CTX)
+        assert writer.backing_id == 0 and kernel.open_ids == set()
+        await ops.release(writer.fh)
+        again = await ops.open(ino, os.O_RDONLY, CTX)
+        assert again.backing_id and kernel.open_ids == {again.backing_id}
+        await ops.forget([(ino, 1)])  # FORGET closes it too
+        assert kernel.open_ids == set() and pyfuse3.shared_read_handle(ino) is None
+    finally:
+        ops.shared.close_idle()

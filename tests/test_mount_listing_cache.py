@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from mountutil import Mount, mount_fixture, workdir_fixture
 
-from artifactfs.fs import operations, passthrough
+from artifactfs.fs import operations, passthrough, shared_reads
 
 pytestmark = pytest.mark.mount
 
@@ -57,9 +57,10 @@ def listed_twice(d: Path) -> list[str]:
 def test_pyfuse3_is_the_build_of_scripts_setup() -> None:
     # The listing cache and FLUSH-less reads need the patched pyfuse3; the mount still works
     # without them, so nothing else would notice a setup that installed the stock one.
-    assert importlib.metadata.version("pyfuse3").endswith("+artifactfs.2")
+    assert importlib.metadata.version("pyfuse3").endswith("+artifactfs.3")
     assert operations.OPEN_FLAGS
     assert passthrough.available()  # the second patch, built against libfuse 3.17
+    assert shared_reads.PASSTHROUGH  # the third
 
 
 def test_listing_follows_changes_made_through_the_mount(workdir: Path, mount: Mount) -> None:

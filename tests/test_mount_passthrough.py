@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -277,3 +278,32 @@ def test_writes_without_the_writeback_cache(workdir: Path, mount: Mount) -> None
     assert_shared_writable_map_commits(q)
     got = mount.get(f"{workdir.name}/mapped_rw.bin").json()
     assert got["sha256"] == hashlib.sha256(q.read_bytes()).hexdigest()
+
+
+def test_small_files_are_opened_in_c_and_read_through(tmp_path: Path) -> None:
+    """Read-only opens of a shared inode are answered by pyfuse3 with the inode's backing id
+    (shared_reads.py): counted at unmount, and their reads still skip the daemon; an O_DIRECT
+    open among them is served by the daemon (direct_io), unaligned reads included."""
+    data = os.urandom(SIZE)
+    with mounted(tmp_path, "--passthrough") as m:
+        p = m.path / "small.bin"
+        p.write_bytes(data)
+        for _ in range(3):  # the first open through Python shares the handle
+            assert p.read_bytes() == data
+
+        def reads() -> None:
+            for _ in range(20):
+                assert p.read_bytes() == data
+
+        served = served_by_daemon(m, reads)
+        fd = os.open(p, os.O_RDONLY | os.O_DIRECT)
+        try:
+            assert os.pread(fd, 1000, 12345) == data[12345:13345]
+        finally:
+            os.close(fd)
+        if passthrough_expected():
+            assert served < SIZE // 8, f"{served} bytes through the daemon"
+    answered = re.search(r"shared read handles: (\d+) opens and (\d+) releases", m.log())
+    assert answered, m.log()[-2000:]
+    if passthrough_expected():
+        assert int(answered.group(1)) >= 20 and int(answered.group(2)) >= 20

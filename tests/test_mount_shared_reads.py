@@ -7,7 +7,9 @@ must not be: after another face replaced the name, while the file is open for wr
 the mount, after a truncate or an unlink; and that its fds do not pile up.
 
 Reads are made to reach the daemon (POSIX_FADV_DONTNEED drops the mount's clean pages), so
-that the bytes checked are those of the handle the open got, not the kernel's cache.
+that the bytes checked are those of the handle the open got, not the kernel's cache (with
+passthrough, the default, they are read from the backing file the open got instead). The module
+runs on the default mount; ``ARTIFACTFS_TEST_MOUNT_OPTS=--no-passthrough`` runs it without.
 """
 
 from __future__ import annotations
@@ -25,9 +27,7 @@ pytestmark = [pytest.mark.mount,
               pytest.mark.skipif(not AVAILABLE and not os.environ.get("CI"),
                                  reason="pyfuse3 without the patch of scripts/setup")]
 
-# The C path answers cached opens only (passthrough opens carry a backing id it does not give):
-# these tests run it on a mount without passthrough.
-mount = mount_fixture("--no-passthrough")
+mount = mount_fixture()
 workdir = workdir_fixture()
 
 
@@ -59,7 +59,7 @@ def daemon_read(fd: int, size: int = 1 << 20) -> bytes:
 
 def test_read_only_opens_are_answered_by_pyfuse3_with_one_fd(tmp_path: Path) -> None:
     data = os.urandom(4096)
-    with mounted(tmp_path, "--no-passthrough") as m:
+    with mounted(tmp_path) as m:
         p = m.path / "small.bin"
         p.write_bytes(data)
         for _ in range(3):  # the first open through Python shares the handle
@@ -186,7 +186,7 @@ def test_many_files_read_and_removed_leave_no_fds(workdir: Path, mount: Mount) -
 def test_idle_shared_handles_are_bounded(tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(IDLE_MAX_ENV, "20")
-    with mounted(tmp_path, "--no-passthrough") as m:
+    with mounted(tmp_path) as m:
         paths = [m.path / f"f{i:03d}" for i in range(200)]
         for i, p in enumerate(paths):
             p.write_bytes(b"%d" % i)

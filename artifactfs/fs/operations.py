@@ -58,6 +58,7 @@ from .passthrough import available as passthrough_available
 from .passthrough import privileged as passthrough_privileged
 from .reading import read_reply
 from .replaced import ReplacedVersions
+from .shared_reads import PASSTHROUGH as SHARED_PASSTHROUGH
 from .shared_reads import SharedReads
 from .translate import translated
 
@@ -147,9 +148,10 @@ class Operations(pyfuse3.Operations):
                         " the writeback cache")
         else:
             self.backing.enabled = True
-            # Passthrough opens carry a backing id, which the C path of shared read handles
-            # does not give (shared_reads.py): every read-only open reaches Python.
-            self.shared.enabled = False
+            if not SHARED_PASSTHROUGH:
+                # Passthrough opens carry a backing id, which this pyfuse3's C path of shared
+                # read handles does not give (shared_reads.py): every open reaches Python.
+                self.shared.enabled = False
             log.info("passthrough on: the kernel reads committed artifacts from their blobs"
                      " (no writeback cache)")
 
@@ -476,7 +478,7 @@ class Operations(pyfuse3.Operations):
             # The retry found readers that opened the new inode during this open(2): they
             # read this writer's bytes, as opens made while a file is written do.
         if read_only and not flags & os.O_TRUNC:
-            shared = self._open_shared(inode, e)
+            shared = self._open_shared(inode, e, flags)
             if shared is not None:
                 return shared
         if read_only:
@@ -496,20 +498,39 @@ class Operations(pyfuse3.Operations):
                            writable=True)
         return self._opened(h, flags)
 
-    def _open_shared(self, inode: int, e: Entry) -> pyfuse3.FileInfo | None:
+    def _open_shared(self, inode: int, e: Entry, flags: int) -> pyfuse3.FileInfo | None:
         """A read-only open answered with the inode's shared handle (shared_reads.py),
         sharing one now if the inode is a plain committed artifact no one is writing through
         the mount; None if it is not. Nothing here awaits: pyfuse3 counts the reply as an
         open of the handle, which must still be shared then."""
         fh = self.shared.handle(inode)
         if fh is None:
-            if (not self.shared.enabled or self.backing.enabled
-                    or self.store.active_write(e.id) is not None
+            if (not self.shared.enabled or self.store.active_write(e.id) is not None
                     or any(h.writable for h in self._by_inode.get(inode, ()))):
                 return None
-            fh = self._add_handle(FileHandle(inode=inode, entry_id=e.id, entry=e,
-                                             fd=self.store.open_read(e.id)))
-            self.shared.share(inode, fh)
+            h = FileHandle(inode=inode, entry_id=e.id, entry=e, fd=self.store.open_read(e.id))
+            backing_id = 0
+            if self.backing.holds(inode):
+                backing_id = self.backing.share(inode)
+            elif self.backing.enabled:
+                if inode in self._by_inode:
+                    # Cached opens of the inode (one io mode per inode, passthrough.py): the
+                    # per-open path serves this one, cached too.
+                    os.close(h.fd)
+                    return None
+                backing_id = self.backing.open(inode, h.fd) or 0
+            h.passthrough = backing_id != 0
+            fh = self._add_handle(h)
+            self.shared.share(inode, fh, backing_id)
+        elif self._handles[fh].passthrough:
+            backing_id = self.backing.backing_id(inode)
+        else:
+            backing_id = 0
+        if backing_id:
+            # As pyfuse3 answers the next ones: no keep_cache (refused with passthrough), and
+            # O_DIRECT served by the daemon (``_opened`` says why).
+            return pyfuse3.FileInfo(fh=fh, keep_cache=False, noflush=True,
+                                    direct_io=bool(flags & os.O_DIRECT), backing_id=backing_id)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, noflush=True)
 
     def _opened(self, h: FileHandle, flags: int) -> pyfuse3.FileInfo:
@@ -655,8 +676,11 @@ class Operations(pyfuse3.Operations):
 
     def _close_handle(self, fh: int) -> None:
         """Close a handle no open holds any more without a RELEASE of its own: a shared read
-        handle pyfuse3 let go of (shared_reads.py)."""
-        self._forget_handle(self._handles.pop(fh))
+        handle pyfuse3 let go of (shared_reads.py), and with it its backing id."""
+        h = self._handles.pop(fh)
+        if h.passthrough:
+            self.backing.release(h.inode)
+        self._forget_handle(h)
 
     def _forget_handle(self, h: FileHandle) -> None:
         handles = self._by_inode.get(h.inode)

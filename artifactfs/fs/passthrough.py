@@ -75,7 +75,9 @@ class _Backing:
 
 
 class BackingFiles:
-    """The backing id each inode's passthrough opens share, counted by open handle."""
+    """The backing id each inode's passthrough opens share, counted by open handle. A shared
+    read handle (shared_reads.py) counts once for all the opens pyfuse3 answers with it, from
+    its sharing until it is closed, so the id outlives idle spells and is registered once."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -84,6 +86,10 @@ class BackingFiles:
     def holds(self, inode: int) -> bool:
         """Whether the kernel reads ``inode`` through a backing file (its opens must too)."""
         return inode in self._by_inode
+
+    def backing_id(self, inode: int) -> int:
+        """The backing id ``inode``'s passthrough opens name (it must hold one)."""
+        return self._by_inode[inode].backing_id
 
     def share(self, inode: int) -> int:
         """The backing id of an inode already in passthrough, for one more read-only open

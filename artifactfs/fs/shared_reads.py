@@ -7,7 +7,11 @@ handle (one fd on the blob) for an inode that is a plain committed artifact, and
 with the patched pyfuse3 (``share_read_handle``): pyfuse3 then answers every later read-only
 OPEN of that inode itself, with that handle, ``keep_cache`` and ``noflush``, and their
 RELEASEs too, counting the opens, without a Python handler or a task. READs on the handle
-reach ``Operations.read`` as before.
+reach ``Operations.read`` as before. On a passthrough mount (passthrough.py) the shared handle
+holds the inode's backing id, registered once when the inode is shared and closed when the
+handle is (unshared and no open left, FORGET, the idle bound), and pyfuse3 answers the opens
+with it (FOPEN_PASSTHROUGH, no ``keep_cache``, ``direct_io`` for O_DIRECT): the kernel allows
+one io mode per inode, and one backing file, so every open of a shared inode is passthrough.
 
 What keeps it correct: a shared handle reads what a new opener of its inode must see, so the
 mount unshares the inode (``unshare``) whenever that stops being so, before anything else can
@@ -42,6 +46,8 @@ log = logging.getLogger("artifactfs.fs")
 
 # The patched pyfuse3 of scripts/setup; with a stock one every open reaches Python.
 AVAILABLE = hasattr(pyfuse3, "share_read_handle")
+# Its third patch: shared handles of a passthrough mount answered with their backing id.
+PASSTHROUGH = AVAILABLE and hasattr(pyfuse3, "SHARED_READS_PASSTHROUGH")
 
 # Shared handles no one has open are bounded: each holds one fd (and pins the blob's inode in
 # the kernel), and a store of 1,000,000 artifacts read once each must not keep 1,000,000.
@@ -104,12 +110,16 @@ class SharedReads:
         fh: int | None = pyfuse3.shared_read_handle(inode)
         return fh
 
-    def share(self, inode: int, fh: int) -> None:
-        """From now on pyfuse3 answers read-only opens of ``inode`` with ``fh``. The caller
-        replies to the open at hand with ``fh`` itself (pyfuse3 counts that one too)."""
+    def share(self, inode: int, fh: int, backing_id: int = 0) -> None:
+        """From now on pyfuse3 answers read-only opens of ``inode`` with ``fh`` (and with
+        passthrough on ``backing_id``, if not 0, which the caller keeps registered while
+        ``fh`` is shared or open). The caller replies to the open at hand with ``fh`` itself
+        (pyfuse3 counts that one too)."""
         if self._over:
             self._close_idle(max(1, self.max_idle // 4))
-        self._over = pyfuse3.share_read_handle(inode, fh) > self.max_idle
+        shared = (pyfuse3.share_read_handle(inode, fh, backing_id) if backing_id
+                  else pyfuse3.share_read_handle(inode, fh))
+        self._over = shared > self.max_idle
 
     def _close_idle(self, count: int) -> None:
         """Unshare and close the ``count`` oldest shared handles no one has open (amortized:
