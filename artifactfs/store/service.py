@@ -676,8 +676,10 @@ class ArtifactStore(MountWrites):
             await trio.sleep(BATCH_WINDOW)
             try:
                 self.meta.commit_batch(if_due=True)
-            except (sqlite3.Error, ArtifactError):
-                log.exception("could not commit a batch of logged commits; will retry")
+            except (sqlite3.Error, ArtifactError) as exc:
+                # A full disk is expected here, not a bug: one line, no traceback. Its
+                # commits are in the log (commit_batch says what became of them).
+                log.error("could not commit a batch of logged commits (%s); will retry", exc)
 
     async def run_background(self, *, flush_interval: float = 2.0,
                              sweep_interval: float = 60.0) -> None:
@@ -691,5 +693,8 @@ class ArtifactStore(MountWrites):
                 if trio.current_time() >= next_sweep:
                     self.sweep_expired()
                     next_sweep = trio.current_time() + sweep_interval
+            except (ArtifactError, OSError, sqlite3.OperationalError) as exc:
+                # The disk (full, failing): one line each time, no traceback.
+                log.error("background flush failed (%s); will retry", exc)
             except Exception:
                 log.exception("background flush failed; will retry")
