@@ -15,6 +15,7 @@ gets ``workdir``, its own directory in one mount shared by the module (a mount t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import select
@@ -27,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 import pytest
@@ -245,3 +246,36 @@ def assert_shared_writable_map_commits(q: Path) -> None:
     rw.flush()
     del rw
     assert q.read_bytes()[8:22] == b"\0\0" + b"\7" * 10 + b"\0\0"
+
+
+def assert_appends_and_shared_maps_commit(workdir: Path, mount: Mount) -> None:
+    """Appends across opens and a shared writable mapping commit what they wrote, whichever
+    mode the mount's writes take (with the writeback cache or without it, as passthrough
+    needs); the HTTP face sees the mapped file's digest."""
+    p = workdir / "log.txt"
+    with open(p, "ab") as f:
+        f.write(b"one\n")
+    with open(p, "ab") as f:
+        f.write(b"two\n")
+    assert p.read_bytes() == b"one\ntwo\n"
+    q = workdir / "mapped_rw.bin"
+    assert_shared_writable_map_commits(q)
+    got = mount.get(f"{workdir.name}/mapped_rw.bin").json()
+    assert got["sha256"] == hashlib.sha256(q.read_bytes()).hexdigest()
+
+
+def assert_a_truncate_leaves_a_reader_its_version(
+        p: Path, also: Callable[[BinaryIO, bytes], None] | None = None) -> None:
+    """truncate(2) by path of a file held open for reading: the name gets the cut file, the
+    reader keeps every byte it opened (SEMANTICS.md, "Overwriting"); ``also`` checks more
+    while the reader is open."""
+    old = os.urandom(100_000)
+    p.write_bytes(old)
+    with open(p, "rb") as reader:
+        assert reader.read(10) == old[:10]
+        os.truncate(p, 10)
+        assert os.stat(p).st_size == 10
+        assert p.read_bytes() == old[:10]
+        assert reader.read() == old[10:]
+        if also is not None:
+            also(reader, old)

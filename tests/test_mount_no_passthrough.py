@@ -15,9 +15,16 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
-from mountutil import Mount, assert_shared_writable_map_commits, mount_fixture, workdir_fixture
+from mountutil import (
+    Mount,
+    assert_a_truncate_leaves_a_reader_its_version,
+    assert_appends_and_shared_maps_commit,
+    mount_fixture,
+    workdir_fixture,
+)
 
 pytestmark = pytest.mark.mount
 
@@ -83,26 +90,11 @@ def test_a_reader_keeps_its_version_of_a_file_rewritten_in_place(workdir: Path,
 
 
 def test_a_truncate_under_a_reader(workdir: Path) -> None:
-    p = workdir / "cut.bin"
-    old = os.urandom(100_000)
-    p.write_bytes(old)
-    with open(p, "rb") as reader:
-        assert reader.read(10) == old[:10]
-        os.truncate(p, 10)
-        assert os.stat(p).st_size == 10
-        assert p.read_bytes() == old[:10]
-        assert reader.read() == old[10:]
+    def from_the_daemon(reader: BinaryIO, old: bytes) -> None:
         assert daemon_read(reader.fileno(), len(old)) == old
+
+    assert_a_truncate_leaves_a_reader_its_version(workdir / "cut.bin", also=from_the_daemon)
 
 
 def test_writes_through_the_writeback_cache(workdir: Path, mount: Mount) -> None:
-    p = workdir / "log.txt"
-    with open(p, "ab") as f:
-        f.write(b"one\n")
-    with open(p, "ab") as f:
-        f.write(b"two\n")
-    assert p.read_bytes() == b"one\ntwo\n"
-    q = workdir / "mapped_rw.bin"
-    assert_shared_writable_map_commits(q)
-    got = mount.get(f"{workdir.name}/mapped_rw.bin").json()
-    assert got["sha256"] == hashlib.sha256(q.read_bytes()).hexdigest()
+    assert_appends_and_shared_maps_commit(workdir, mount)

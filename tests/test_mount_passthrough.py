@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 from mountutil import (
     Mount,
-    assert_shared_writable_map_commits,
+    assert_a_truncate_leaves_a_reader_its_version,
+    assert_appends_and_shared_maps_commit,
     eventually,
     mounted,
     workdir_fixture,
@@ -208,15 +209,7 @@ def test_a_writers_shared_map_never_writes_into_the_readers_blob(workdir: Path,
 
 
 def test_a_truncate_under_a_reader_that_reads_through(workdir: Path) -> None:
-    p = workdir / "cut.bin"
-    old = os.urandom(100_000)
-    p.write_bytes(old)
-    with open(p, "rb") as reader:
-        assert reader.read(10) == old[:10]
-        os.truncate(p, 10)
-        assert p.read_bytes() == old[:10]
-        assert os.stat(p).st_size == 10
-        assert reader.read() == old[10:]
+    assert_a_truncate_leaves_a_reader_its_version(workdir / "cut.bin")
 
 
 def test_a_name_replaced_by_another_face_leaves_a_reader_its_version(
@@ -268,16 +261,7 @@ def test_unaligned_o_direct_reads_are_served(workdir: Path) -> None:
 def test_writes_without_the_writeback_cache(workdir: Path, mount: Mount) -> None:
     """Passthrough turns the writeback cache off: appends, shared writable maps and the
     commit at close still work."""
-    p = workdir / "log.txt"
-    with open(p, "ab") as f:
-        f.write(b"one\n")
-    with open(p, "ab") as f:
-        f.write(b"two\n")
-    assert p.read_bytes() == b"one\ntwo\n"
-    q = workdir / "mapped_rw.bin"
-    assert_shared_writable_map_commits(q)
-    got = mount.get(f"{workdir.name}/mapped_rw.bin").json()
-    assert got["sha256"] == hashlib.sha256(q.read_bytes()).hexdigest()
+    assert_appends_and_shared_maps_commit(workdir, mount)
 
 
 def test_small_files_are_opened_in_c_and_read_through(tmp_path: Path) -> None:
