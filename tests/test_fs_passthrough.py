@@ -169,11 +169,17 @@ async def test_a_truncate_under_a_reader_moves_its_name_first(
 
 async def test_new_files_and_o_direct_opens_are_served_by_the_daemon(
         store: ArtifactStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    ops = mount_ops(store, monkeypatch, Kernel())
-    info, _ = await ops.create(ROOT, b"new.bin", 0o100644, os.O_WRONLY, CTX)
-    assert info.backing_id == 0
-    await ops.flush(info.fh)
-    await ops.release(info.fh)
+    kernel = Kernel()
+    ops = mount_ops(store, monkeypatch, kernel)
+    # Created read-write (it could be mapped) or O_DIRECT: served by the daemon. Write-only:
+    # the kernel writes its staging file (passthrough_writes.py, test_mount_passthrough_writes).
+    for name, flags in ((b"rw.bin", os.O_RDWR), (b"direct.bin", os.O_WRONLY | os.O_DIRECT),
+                        (b"wo.bin", os.O_WRONLY)):
+        info, _ = await ops.create(ROOT, name, 0o100644, flags, CTX)
+        assert (info.backing_id != 0) == (flags == os.O_WRONLY)
+        await ops.flush(info.fh)
+        await ops.release(info.fh)
+    assert kernel.open_ids == set()
     ino = await commit(ops, "b.bin", b"b" * 5000)
     direct = await ops.open(ino, os.O_RDONLY | os.O_DIRECT, CTX)
     assert direct.backing_id == 0

@@ -48,7 +48,7 @@ import trio
 
 from ..errors import ArtifactError
 from ..models import MAX_COMPONENT_BYTES
-from ..store import ArtifactStore, Change, Entry
+from ..store import ArtifactStore, Change, Entry, WriteSession
 from .attributes import entry_attributes
 from .handles import DirHandle, FileHandle
 from .inodes import InodeMap
@@ -56,6 +56,7 @@ from .kernel_cache import Invalidation, KernelCache
 from .passthrough import BackingFiles
 from .passthrough import available as passthrough_available
 from .passthrough import privileged as passthrough_privileged
+from .passthrough_writes import PassthroughWrites
 from .reading import read_reply
 from .replaced import ReplacedVersions
 from .shared_reads import PASSTHROUGH as SHARED_PASSTHROUGH
@@ -89,6 +90,8 @@ class Operations(pyfuse3.Operations):
         self._privileged = passthrough and passthrough_privileged()
         self.enable_passthrough = passthrough and passthrough_available() and self._privileged
         self.backing = BackingFiles(enabled=False)
+        # New write-only files written by the kernel into their staging files.
+        self.pt_writes = PassthroughWrites(store, self.backing)
         self.cache = cache or KernelCache()
         self.inodes = InodeMap()
         # Read-only opens of plain committed artifacts answered in C (shared_reads.py).
@@ -444,7 +447,12 @@ class Operations(pyfuse3.Operations):
                                        mode, ctx.uid, ctx.gid)
         h = FileHandle(inode=self.inodes.inode(e.id), entry_id=e.id, entry=e, ws=ws,
                        writable=True)
-        return pyfuse3.FileInfo(fh=self._add_handle(h), keep_cache=True), self._attrs(e)
+        fh = self._add_handle(h)
+        backing_id = self.pt_writes.start(h, flags)  # passthrough_writes.py
+        if backing_id is not None:
+            return (pyfuse3.FileInfo(fh=fh, keep_cache=False, backing_id=backing_id),
+                    self._attrs(e))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attrs(e)
 
     @translated
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
@@ -459,6 +467,28 @@ class Operations(pyfuse3.Operations):
                 raise
             return await self._open_replaced(inode, flags, ctx.pid, retry)
         read_only = flags & os.O_ACCMODE == os.O_RDONLY
+        if not read_only and self.pt_writes.backs(inode):
+            # The kernel writes this new file into its staging file (passthrough_writes.py).
+            h = FileHandle(inode=inode, entry_id=e.id, entry=e, writable=True)
+            backing_id = self.pt_writes.join(inode, e, flags, h)
+            if backing_id is not None:
+                # O_DIRECT: its reads and writes come to the daemon, which writes that file.
+                return pyfuse3.FileInfo(fh=self._add_handle(h), keep_cache=False,
+                                        direct_io=bool(flags & os.O_DIRECT),
+                                        backing_id=backing_id)
+            if retry:
+                raise ArtifactError(f"{e.key} is written through its staging file, and its"
+                                    " name moved to a new inode, which is too",
+                                    errno=errno.ETXTBSY)
+            else:
+                # A read-write opener may map the file, and must not share that staging
+                # file: the name moves to a new inode, whose open joins the session through
+                # the daemon.
+                self._move_name(e)
+                self.replaced.refused(ctx.pid)
+                raise ArtifactError(f"{e.key} is written through its staging file: its name"
+                                    f" moved to a new inode (the kernel will retry, thread"
+                                    f" {ctx.pid})", errno=errno.ESTALE)
         if not read_only:
             self.shared.unshare(inode)  # new readers of the inode must read the writer's bytes
         if not read_only and self._readers_keep_version(inode):
@@ -655,7 +685,10 @@ class Operations(pyfuse3.Operations):
     async def flush(self, fh: int) -> None:
         h = self._handles[fh]
         if h.ws is not None and h.ws.writers == 1:
-            await self._commit(h)
+            if h.ws.passthrough:
+                await self._snapshot(h)
+            else:
+                await self._commit(h)
 
     @translated
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -668,6 +701,7 @@ class Operations(pyfuse3.Operations):
         h = self._handles.pop(fh)
         if h.passthrough:
             self.backing.release(h.inode)
+            self.pt_writes.released(h.inode)
         try:
             if h.ws is not None:
                 await self._commit(h)
@@ -704,6 +738,19 @@ class Operations(pyfuse3.Operations):
             if old_fd is not None:
                 os.close(old_fd)
             committed = await self.store.release_write(ws)
+        self._after_commit(h, committed, ws)
+
+    async def _snapshot(self, h: FileHandle) -> None:
+        """The last writable handle of a file the kernel writes itself was closed: commit
+        what it holds, and keep writing it (passthrough_writes.py)."""
+        async with h.lock:
+            ws = h.ws
+            if ws is None:
+                return
+            committed = await self.store.snapshot_write(ws)
+        self._after_commit(h, committed, ws)
+
+    def _after_commit(self, h: FileHandle, committed: Entry | None, ws: WriteSession) -> None:
         if committed is None:
             return
         if self.inodes.is_current(h.inode):

@@ -27,8 +27,9 @@ class WriteSession:
     writers: int = 1
     # fsync was called: the commit must be durable too (DESIGN §6).
     synced: bool = False
-    # What mtime the artifact commits with: the last write's time, or a time set after it.
-    mtime_ns: int = field(default_factory=time.time_ns)
+    # What mtime the artifact commits with: the last write's time, or a time set after it
+    # (the ``mtime_ns`` property).
+    _mtime_ns: int = field(default_factory=time.time_ns)
     # Set once the staging file holds its starting bytes (a copy of the artifact can take a
     # while, in a thread); openers that join meanwhile wait on it.
     ready: trio.Event = field(default_factory=trio.Event)
@@ -50,6 +51,26 @@ class WriteSession:
     # then the commit hashes the file (the slow path, always right).
     hasher: Any = field(default_factory=hashlib.sha256)
     hashed: int = 0
+    # The kernel writes the staging file itself (FUSE passthrough, fs/passthrough_writes.py):
+    # the daemon sees no write, so there is no running digest, the file's own mtime is the
+    # session's, and each commit copies the file (store/snapshot.py says why).
+    passthrough: bool = False
+    # The staging file's state when the last commit of a passthrough session started copying
+    # it (snapshot.FileState): the same state later means nothing was written since.
+    committed_state: Any = None
+
+    @property
+    def mtime_ns(self) -> int:
+        if self.passthrough:
+            return os.fstat(self.fd).st_mtime_ns
+        return self._mtime_ns
+
+    @mtime_ns.setter
+    def mtime_ns(self, value: int) -> None:
+        self._mtime_ns = value
+        if self.passthrough:
+            # Kept on the staging file, which the kernel's writes move on from here.
+            os.utime(self.fd, ns=(value, value))
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size

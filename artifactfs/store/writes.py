@@ -27,6 +27,7 @@ from ..models import mime_type_for_name, validate_size
 from .blobs import fsync_path, is_no_space
 from .metadata import Entry, SessionRow
 from .sessions import WriteSession
+from .snapshot import copy_hashed, settled_state
 from .state import INLINE_IO_BYTES, Change, log
 from .tree import TreeOperations
 
@@ -156,6 +157,17 @@ class MountWrites(TreeOperations):
         ws.ready.set()
         return ws
 
+    def join_write(self, ws: WriteSession, *, truncate: bool) -> bool:
+        """Join a write session that is ready and not committing, without waiting (the
+        mount's passthrough writers: the kernel's backing file must still be its file when
+        the open is answered). False if it cannot be joined now."""
+        if ws.committing or not ws.ready.is_set() or ws.failed is not None:
+            return False
+        if truncate:
+            self._ftruncate(ws, 0)
+        ws.writers += 1
+        return True
+
     def _fail_open(self, ws: WriteSession, exc: BaseException) -> None:
         """The session could not get its starting bytes: forget it, and tell the openers that
         joined it meanwhile why (they wait on ws.ready)."""
@@ -209,6 +221,13 @@ class MountWrites(TreeOperations):
         ws.ready.set()
         return ws
 
+    def pass_through(self, ws: WriteSession) -> None:
+        """The kernel writes this session's staging file itself from now on (the mount gave
+        it to the kernel as a backing file before any write): no running digest, and every
+        commit copies the file (snapshot.py)."""
+        ws.hasher = None
+        ws.passthrough = True
+
     def write(self, ws: WriteSession, buf: bytes, offset: int) -> int:
         """Write into a file open for writing; a full disk fails the write and the file."""
         try:
@@ -254,7 +273,102 @@ class MountWrites(TreeOperations):
             os.close(ws.fd)
             ws.closed.set()
 
+    async def snapshot_write(self, ws: WriteSession) -> Entry | None:
+        """Commit what a passthrough session's file holds now, and keep the session open.
+
+        For the FLUSH of its last writable handle: close(2) commits (DESIGN §2), but the
+        kernel may go on writing the file through another descriptor of the same open file
+        and sends no request when it does; the release commits again if it did (snapshot.py).
+        None if nothing changed since the last commit, or the file is gone."""
+        return await self._commit_passthrough(ws, final=False)
+
+    async def _commit_passthrough(self, ws: WriteSession, *, final: bool) -> Entry | None:
+        """Commit a copy of a passthrough session's staging file (snapshot.py); ``final``
+        ends the session, which commits only if the file changed since its last commit."""
+        if ws.detached or self.meta.entry(ws.entry_id) is None:
+            if final:
+                self._drop_write_session(ws)
+            return None
+        state = settled_state(ws.fd)
+        if state == ws.committed_state:
+            if final:
+                self._drop_write_session(ws)
+            return None
+        if ws.nospace:
+            key = self._key_of(ws)
+            if final:
+                self._abandon_write(ws)
+            raise NoSpace(f"{key} was not saved: a write to it failed for want of space;"
+                          " it keeps its previous content")
+        # The kernel's writes reached the disk without the space check each WRITE gets: a
+        # nearly full file system refuses the commit, as a failed write would have.
+        self.data.check_space(state.size, lambda: f"committing {self._key_of(ws)}")
+        copy_id = secrets.token_urlsafe(18)
+        self.data.create_staging(copy_id)
+        try:
+            copy_fd = self.data.open_staging(copy_id)
+            try:
+                if state.size <= INLINE_IO_BYTES:
+                    sha, size = copy_hashed(ws.fd, copy_fd)
+                else:
+                    src = ws.fd
+                    sha, size = await trio.to_thread.run_sync(
+                        lambda: copy_hashed(src, copy_fd))
+            finally:
+                os.close(copy_fd)
+            durable = ws.synced or self.sync
+            blob_id = await self._publish(copy_id, durable)
+        finally:
+            self.data.remove_staging(copy_id)
+        e = self._set_content(ws, blob_id, sha, size, durable, end_session=final)
+        if e is None:
+            if final:
+                self._drop_write_session(ws)
+            return None
+        ws.committed_state = state
+        if final:
+            self.data.remove_staging(ws.id)
+        return await self._committed(ws, e, size, sha, durable)
+
+    def _set_content(self, ws: WriteSession, blob_id: str, sha: str, size: int,
+                     durable: bool, *, end_session: bool = True) -> Entry | None:
+        """The commit's one transaction: the entry gets the blob. Returns the entry as it
+        was before (None, the blob removed, if the entry or the session went meanwhile)."""
+        try:
+            with self.meta.transaction():
+                e = self.meta.entry(ws.entry_id)
+                s = self.meta.session(ws.id)
+                if e is None or s is None:
+                    raise NotFound(f"{ws.id}: entry {ws.entry_id} was removed while committing")
+                self.meta.set_content(
+                    e.id, blob_id=blob_id, size=size, sha256=sha, mime_type=s.mime_type,
+                    created_at=int(time.time()), mtime_ns=ws.mtime_ns, durable=durable)
+                if end_session:
+                    self.meta.delete_session(ws.id)
+        except NotFound:
+            self.data.remove_blob(blob_id)
+            return None
+        except BaseException:
+            self.data.remove_blob(blob_id)
+            raise
+        return e
+
+    async def _committed(self, ws: WriteSession, e: Entry, size: int, sha: str,
+                         durable: bool) -> Entry | None:
+        """After the commit's transaction: the listing, the version it replaced, the WAL."""
+        if e.blob_id is None:
+            self._changed_keys()  # a new artifact joins the listing
+        else:
+            self._doom(e.blob_id, replaced=True)
+            ws.replaced = e
+        log.info("committed %s (%d bytes, sha256 %s) from the mount", e.key, size, sha[:12])
+        if durable and not self.sync:
+            await self._sync_metadata()
+        return self.meta.entry(e.id)
+
     async def _commit_write(self, ws: WriteSession) -> Entry | None:
+        if ws.passthrough:
+            return await self._commit_passthrough(ws, final=True)
         if ws.detached or self.meta.entry(ws.entry_id) is None:
             # Unlinked (or replaced) while open: as on a disk, the bytes go with the last
             # handle.
@@ -269,33 +383,12 @@ class MountWrites(TreeOperations):
                      or await self._digest(ws.fd))
         durable = ws.synced or self.sync
         blob_id = await self._publish(ws.id, durable)
-        try:
-            with self.meta.transaction():
-                e = self.meta.entry(ws.entry_id)
-                s = self.meta.session(ws.id)
-                if e is None or s is None:
-                    raise NotFound(f"{ws.id}: entry {ws.entry_id} was removed while committing")
-                self.meta.set_content(
-                    e.id, blob_id=blob_id, size=size, sha256=sha, mime_type=s.mime_type,
-                    created_at=int(time.time()), mtime_ns=ws.mtime_ns, durable=durable)
-                self.meta.delete_session(ws.id)
-        except NotFound:
-            self.data.remove_blob(blob_id)
+        e = self._set_content(ws, blob_id, sha, size, durable)
+        if e is None:
             self._drop_write_session(ws)
             return None
-        except BaseException:
-            self.data.remove_blob(blob_id)
-            raise
         self.data.remove_staging(ws.id)
-        if e.blob_id is None:
-            self._changed_keys()  # a new artifact joins the listing
-        else:
-            self._doom(e.blob_id, replaced=True)
-            ws.replaced = e
-        log.info("committed %s (%d bytes, sha256 %s) from the mount", e.key, size, sha[:12])
-        if durable and not self.sync:
-            await self._sync_metadata()
-        return self.meta.entry(e.id)
+        return await self._committed(ws, e, size, sha, durable)
 
     async def _sync_metadata(self) -> None:
         """fsync the WAL holding the commit just made: synchronous=NORMAL leaves that to the

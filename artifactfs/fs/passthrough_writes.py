@@ -1,0 +1,91 @@
+"""FUSE passthrough for writers: the kernel writes a new file's staging file itself.
+
+On a passthrough mount (passthrough.py) a file created for writing only (``O_WRONLY``: ``cp``,
+``dd``, shell redirections, Python's ``open(p, "wb")``) is answered with its write session's
+staging file as the kernel's backing file, so its writes go from the kernel to ext4 without a
+request to the daemon (docs/PERFORMANCE.md: ~1.2 s of daemon CPU per GiB otherwise). The daemon
+sees no write, so the store keeps no running digest: each commit copies the staging file and
+hashes the copy (store/snapshot.py says why it must copy, and how it knows the copy is still
+the file's content). The FLUSH of the last writable handle commits what the file holds
+(``snapshot_write``) and keeps the session open, since the kernel may write on through another
+descriptor of that open file without telling the daemon; the last RELEASE commits again only
+if the file changed since.
+
+Why only ``O_WRONLY``: such a file cannot be mapped (mmap needs read access), so every change
+of the staging file is a write(2) or a truncate, each of which moves the file's ctime, which is
+what the store relies on. A writer that opened read-write is served as before. Why only new
+files (``create``): an existing file's inode may be read through its blob or cached already
+(the kernel allows one io mode and one backing file per inode, passthrough.py).
+
+While a writer writes through its staging file, every other open of the inode must name the
+same backing file: readers read the writer's bytes through it (as on a disk), and a second
+write-only writer joins the session and writes into it too; a read-write opener gets a new inode
+(``Operations._move_name``), as with readers of a blob.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ..store import ArtifactStore, Entry
+from .handles import FileHandle
+from .passthrough import BackingFiles
+
+log = logging.getLogger("artifactfs.fs")
+
+
+class PassthroughWrites:
+    """Which inodes the kernel writes through a write session's staging file."""
+
+    def __init__(self, store: ArtifactStore, backing: BackingFiles) -> None:
+        self.store = store
+        self.backing = backing
+        self._staging_backed: set[int] = set()
+
+    @staticmethod
+    def _write_only(flags: int) -> bool:
+        return flags & os.O_ACCMODE == os.O_WRONLY
+
+    def start(self, h: FileHandle, flags: int) -> int | None:
+        """The backing id for a newly created file's first writer, or None (served by the
+        daemon): not a passthrough mount, not write-only, O_DIRECT, or the kernel refused."""
+        ws = h.ws
+        if (not self.backing.enabled or ws is None or not self._write_only(flags)
+                or flags & os.O_DIRECT or self.backing.holds(h.inode)):
+            return None
+        backing_id = self.backing.open(h.inode, ws.fd)
+        if backing_id is None:
+            return None
+        self.store.pass_through(ws)
+        self._staging_backed.add(h.inode)
+        h.passthrough = True
+        return backing_id
+
+    def backs(self, inode: int) -> bool:
+        """Whether ``inode``'s backing file is a write session's staging file (not a blob)."""
+        if inode not in self._staging_backed:
+            return False
+        if self.backing.holds(inode):
+            return True
+        self._staging_backed.discard(inode)
+        return False
+
+    def join(self, inode: int, e: Entry, flags: int, h: FileHandle) -> int | None:
+        """The backing id for a second writer of an inode the kernel writes through a staging
+        file, which joins that session (``h`` is its new handle); None for a reader-writer,
+        and when the session is ending."""
+        if not self.backs(inode) or not self._write_only(flags):
+            return None
+        ws = self.store.active_write(e.id)
+        if (ws is None or not ws.passthrough
+                or not self.store.join_write(ws, truncate=bool(flags & os.O_TRUNC))):
+            return None
+        h.ws = ws
+        h.passthrough = True
+        return self.backing.share(inode)
+
+    def released(self, inode: int) -> None:
+        """A passthrough open of ``inode`` was released (after BackingFiles.release)."""
+        if not self.backing.holds(inode):
+            self._staging_backed.discard(inode)
