@@ -58,6 +58,11 @@ class WriteSession:
     # The staging file's state when the last commit of a passthrough session started copying
     # it (snapshot.FileState): the same state later means nothing was written since.
     committed_state: Any = None
+    # A passthrough session's fsync copies the file and hashes the copy for its commit
+    # (writes.py ``sync_write``): (state, staging id of the copy, sha256, size). Once such a
+    # copy went unused (the file changed after it), later fsyncs just fsync the file.
+    prepared: Any = None
+    prepare_wasted: bool = False
 
     @property
     def mtime_ns(self) -> int:

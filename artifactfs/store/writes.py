@@ -250,8 +250,52 @@ class MountWrites(TreeOperations):
 
     async def sync_write(self, ws: WriteSession) -> None:
         """fsync: the bytes written so far are durable, and so will be the commit."""
+        if ws.passthrough and not ws.prepare_wasted and await self._prepare_commit(ws):
+            ws.synced = True
+            return
         await trio.to_thread.run_sync(os.fsync, ws.fd)
         ws.synced = True
+
+    async def _prepare_commit(self, ws: WriteSession) -> bool:
+        """fsync of a passthrough session: make the commit's copy now, hashed and durable,
+        instead of fsyncing the staging file. The bytes written so far are then as durable
+        as fsync promises (a session nobody commits is discarded after a crash anyway, so
+        only what a commit will publish needs the disk), and a close that follows (``dd
+        conv=fsync``) finds its copy made (snapshot.py). Its hashing overlaps the disk
+        write of the copy. False if a copy made for an earlier fsync went unused."""
+        state = settled_state(ws.fd)
+        if ws.prepared is not None:
+            if ws.prepared[0] == state:
+                return True  # that copy holds these bytes, durably
+            self._forget_prepared(ws)
+            ws.prepare_wasted = True
+            return False
+        self.data.check_space(state.size, lambda: f"syncing {self._key_of(ws)}")
+        copy_id = secrets.token_urlsafe(18)
+        self.data.create_staging(copy_id)
+        try:
+            copy_fd = self.data.open_staging(copy_id)
+            src = ws.fd
+
+            def copy() -> tuple[str, int]:
+                digest = copy_hashed(src, copy_fd)
+                os.fsync(copy_fd)
+                return digest
+
+            try:
+                sha, size = await trio.to_thread.run_sync(copy)
+            finally:
+                os.close(copy_fd)
+        except BaseException:
+            self.data.remove_staging(copy_id)
+            raise
+        ws.prepared = (state, copy_id, sha, size)
+        return True
+
+    def _forget_prepared(self, ws: WriteSession) -> None:
+        if ws.prepared is not None:
+            self.data.remove_staging(ws.prepared[1])
+            ws.prepared = None
 
     async def release_write(self, ws: WriteSession) -> Entry | None:
         """One writable handle closed; the last one commits the file as an artifact."""
@@ -300,23 +344,23 @@ class MountWrites(TreeOperations):
                 self._abandon_write(ws)
             raise NoSpace(f"{key} was not saved: a write to it failed for want of space;"
                           " it keeps its previous content")
-        # The kernel's writes reached the disk without the space check each WRITE gets: a
-        # nearly full file system refuses the commit, as a failed write would have.
-        self.data.check_space(state.size, lambda: f"committing {self._key_of(ws)}")
-        copy_id = secrets.token_urlsafe(18)
-        self.data.create_staging(copy_id)
+        durable = ws.synced or self.sync
+        prepared, ws.prepared = ws.prepared, None
+        reuse = prepared is not None and prepared[0] == state
+        if prepared is not None and not reuse:
+            self.data.remove_staging(prepared[1])
+            ws.prepare_wasted = True
+        if reuse:
+            _, copy_id, sha, size = prepared  # made by fsync: hashed, and durable already
+        else:
+            # The kernel's writes reached the disk without the space check each WRITE gets:
+            # a nearly full file system refuses the commit, as a failed write would have.
+            self.data.check_space(state.size, lambda: f"committing {self._key_of(ws)}")
+            copy_id = secrets.token_urlsafe(18)
+            self.data.create_staging(copy_id)
         try:
-            copy_fd = self.data.open_staging(copy_id)
-            try:
-                if state.size <= INLINE_IO_BYTES:
-                    sha, size = copy_hashed(ws.fd, copy_fd)
-                else:
-                    src = ws.fd
-                    sha, size = await trio.to_thread.run_sync(
-                        lambda: copy_hashed(src, copy_fd))
-            finally:
-                os.close(copy_fd)
-            durable = ws.synced or self.sync
+            if not reuse:
+                sha, size = await self._copy_hashed(ws.fd, copy_id, state.size)
             blob_id = await self._publish(copy_id, durable)
         finally:
             self.data.remove_staging(copy_id)
@@ -329,6 +373,15 @@ class MountWrites(TreeOperations):
         if final:
             self.data.remove_staging(ws.id)
         return await self._committed(ws, e, size, sha, durable)
+
+    async def _copy_hashed(self, src: int, copy_id: str, size: int) -> tuple[str, int]:
+        copy_fd = self.data.open_staging(copy_id)
+        try:
+            if size <= INLINE_IO_BYTES:
+                return copy_hashed(src, copy_fd)
+            return await trio.to_thread.run_sync(lambda: copy_hashed(src, copy_fd))
+        finally:
+            os.close(copy_fd)
 
     def _set_content(self, ws: WriteSession, blob_id: str, sha: str, size: int,
                      durable: bool, *, end_session: bool = True) -> Entry | None:
@@ -402,11 +455,13 @@ class MountWrites(TreeOperations):
     def _drop_write_session(self, ws: WriteSession) -> None:
         self.meta.delete_session(ws.id)
         self.data.remove_staging(ws.id)
+        self._forget_prepared(ws)
 
     def _abandon_write(self, ws: WriteSession) -> None:
         """A write session that cannot commit: its bytes go (freeing their space) and a file
         that was never committed goes with them; a committed one keeps its artifact."""
         self.data.remove_staging(ws.id)
+        self._forget_prepared(ws)
         with self.meta.transaction():
             self.meta.delete_session(ws.id)
             e = self.meta.entry(ws.entry_id)
