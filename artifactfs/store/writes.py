@@ -462,6 +462,10 @@ class MountWrites(TreeOperations):
         that was never committed goes with them; a committed one keeps its artifact."""
         self.data.remove_staging(ws.id)
         self._forget_prepared(ws)
+        # Its space now, not when its fd closes: the transaction below needs some, and a file
+        # the kernel wrote by itself (passthrough_writes.py) may have taken the last of it.
+        with contextlib.suppress(OSError):
+            os.ftruncate(ws.fd, 0)
         with self.meta.transaction():
             self.meta.delete_session(ws.id)
             e = self.meta.entry(ws.entry_id)
