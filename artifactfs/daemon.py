@@ -86,7 +86,9 @@ async def mount_daemon(args: argparse.Namespace, mountpoint: str, data_dir: Path
 
         async def mount_until_unmounted(task_status: trio.TaskStatus[None]) -> None:
             await serve_mount(store, mountpoint, allow_other=args.allow_other,
-                              passthrough=args.passthrough, task_status=task_status)
+                              passthrough=args.passthrough,
+                              passthrough_writes=args.passthrough_writes,
+                              task_status=task_status)
             nursery.cancel_scope.cancel()  # unmounted from outside: the daemon's work is done
 
         await nursery.start(mount_until_unmounted)
@@ -177,6 +179,8 @@ def _child_argv(args: argparse.Namespace, mountpoint: str, data_dir: Path) -> li
     if args.allow_other:
         argv.append("--allow-other")
     argv.append("--passthrough" if args.passthrough else "--no-passthrough")
+    if args.passthrough_writes:
+        argv.append("--passthrough-writes")
     return argv
 
 

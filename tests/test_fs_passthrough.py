@@ -169,17 +169,11 @@ async def test_a_truncate_under_a_reader_moves_its_name_first(
 
 async def test_new_files_and_o_direct_opens_are_served_by_the_daemon(
         store: ArtifactStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    kernel = Kernel()
-    ops = mount_ops(store, monkeypatch, kernel)
-    # Created read-write (it could be mapped) or O_DIRECT: served by the daemon. Write-only:
-    # the kernel writes its staging file (passthrough_writes.py, test_mount_passthrough_writes).
-    for name, flags in ((b"rw.bin", os.O_RDWR), (b"direct.bin", os.O_WRONLY | os.O_DIRECT),
-                        (b"wo.bin", os.O_WRONLY)):
-        info, _ = await ops.create(ROOT, name, 0o100644, flags, CTX)
-        assert (info.backing_id != 0) == (flags == os.O_WRONLY)
-        await ops.flush(info.fh)
-        await ops.release(info.fh)
-    assert kernel.open_ids == set()
+    ops = mount_ops(store, monkeypatch, Kernel())
+    info, _ = await ops.create(ROOT, b"new.bin", 0o100644, os.O_WRONLY, CTX)
+    assert info.backing_id == 0
+    await ops.flush(info.fh)
+    await ops.release(info.fh)
     ino = await commit(ops, "b.bin", b"b" * 5000)
     direct = await ops.open(ino, os.O_RDONLY | os.O_DIRECT, CTX)
     assert direct.backing_id == 0
@@ -245,3 +239,24 @@ async def test_a_shared_read_handle_holds_its_inodes_backing_id_until_it_closes(
         assert kernel.open_ids == set() and pyfuse3.shared_read_handle(ino) is None
     finally:
         ops.shared.close_idle()
+
+
+async def test_with_passthrough_writes_new_write_only_files_get_their_staging_file(
+        store: ArtifactStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--passthrough-writes (passthrough_writes.py): only a file created write-only and
+    buffered is written by the kernel; the others are served by the daemon."""
+    kernel = Kernel()
+    monkeypatch.setattr(pyfuse3, "passthrough_enabled", lambda: True)
+    monkeypatch.setattr(pyfuse3, "passthrough_open", kernel.passthrough_open)
+    monkeypatch.setattr(pyfuse3, "passthrough_close", kernel.passthrough_close)
+    ops = Operations(store, passthrough=True, passthrough_writes=True, share_reads=False)
+    ops.init()
+    for name, flags in ((b"rw.bin", os.O_RDWR), (b"direct.bin", os.O_WRONLY | os.O_DIRECT),
+                        (b"wo.bin", os.O_WRONLY)):
+        info, _ = await ops.create(ROOT, name, 0o100644, flags, CTX)
+        assert (info.backing_id != 0) == (flags == os.O_WRONLY), name
+        await ops.flush(info.fh)
+        await ops.release(info.fh)
+    assert kernel.open_ids == set()
+    assert store.get_xattr(store.lookup(1, "wo.bin").id, "user.sha256") == (
+        b"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")

@@ -27,7 +27,8 @@ BIG = 9 << 20  # above INLINE_IO_BYTES: the commit copies and hashes in a worker
 
 @pytest.fixture(scope="module")
 def mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
-    with mounted(tmp_path_factory.mktemp("ptwrites"), "--passthrough") as m:
+    with mounted(tmp_path_factory.mktemp("ptwrites"), "--passthrough",
+                 "--passthrough-writes") as m:
         yield m
 
 

@@ -39,6 +39,7 @@ async def serve_mount(
     *,
     allow_other: bool = False,
     passthrough: bool = True,
+    passthrough_writes: bool = False,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Mount ``store`` at ``mountpoint`` and answer the kernel until unmounted or cancelled.
@@ -47,11 +48,14 @@ async def serve_mount(
     unmounts (``fusermount3 -u``, ``artifactfs umount``); on cancellation (SIGINT/SIGTERM in
     the daemon) it unmounts itself, lazily if files are still open. ``passthrough`` (the
     default) asks the kernel to read committed artifacts from their blobs (passthrough.py;
-    logged at INIT when it cannot, and the mount then works as without it).
+    logged at INIT when it cannot, and the mount then works as without it);
+    ``passthrough_writes`` lets the kernel write new write-only files too
+    (passthrough_writes.py).
     """
     cache = KernelCache()
     raise_fd_limit()  # before Operations sizes its shared read handles to it
-    ops = Operations(store, cache, passthrough=passthrough)
+    ops = Operations(store, cache, passthrough=passthrough,
+                     passthrough_writes=passthrough_writes)
     pyfuse3.init(ops, mountpoint, mount_options(store, allow_other=allow_other))
     log.info("mounted %s at %s", store.data.root, mountpoint)
     try:

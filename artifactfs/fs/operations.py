@@ -81,7 +81,8 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = True
 
     def __init__(self, store: ArtifactStore, cache: KernelCache | None = None, *,
-                 passthrough: bool = False, share_reads: bool = True) -> None:
+                 passthrough: bool = False, passthrough_writes: bool = False,
+                 share_reads: bool = True) -> None:
         super().__init__()
         self.store = store
         # Read by the patched pyfuse3 at INIT (passthrough.py): when the kernel offers
@@ -90,8 +91,8 @@ class Operations(pyfuse3.Operations):
         self._privileged = passthrough and passthrough_privileged()
         self.enable_passthrough = passthrough and passthrough_available() and self._privileged
         self.backing = BackingFiles(enabled=False)
-        # New write-only files written by the kernel into their staging files.
-        self.pt_writes = PassthroughWrites(store, self.backing)
+        # New write-only files written by the kernel into their staging files (an option).
+        self.pt_writes = PassthroughWrites(store, self.backing, enabled=passthrough_writes)
         self.cache = cache or KernelCache()
         self.inodes = InodeMap()
         # Read-only opens of plain committed artifacts answered in C (shared_reads.py).

@@ -1,6 +1,13 @@
 """FUSE passthrough for writers: the kernel writes a new file's staging file itself.
 
-On a passthrough mount (passthrough.py) a file created for writing only (``O_WRONLY``: ``cp``,
+An option (``artifactfs mount --passthrough-writes``), off by default: on this 2-core machine
+it moves the per-byte work off the daemon's loop (other requests are answered ~3x faster during
+a large ``cp`` or ``dd``) but does not make ``cp`` or ``dd`` faster, since each commit must copy
+and hash the whole file after the last write instead of hashing as the writes arrive, and the
+kernel's writes can take the metadata's space reserve (docs/PERFORMANCE.md, "Passthrough for
+writers").
+
+On such a mount a file created for writing only (``O_WRONLY``: ``cp``,
 ``dd``, shell redirections, Python's ``open(p, "wb")``) is answered with its write session's
 staging file as the kernel's backing file, so its writes go from the kernel to ext4 without a
 request to the daemon (docs/PERFORMANCE.md: ~1.2 s of daemon CPU per GiB otherwise). The daemon
@@ -38,7 +45,8 @@ log = logging.getLogger("artifactfs.fs")
 class PassthroughWrites:
     """Which inodes the kernel writes through a write session's staging file."""
 
-    def __init__(self, store: ArtifactStore, backing: BackingFiles) -> None:
+    def __init__(self, store: ArtifactStore, backing: BackingFiles, *, enabled: bool) -> None:
+        self.enabled = enabled
         self.store = store
         self.backing = backing
         self._staging_backed: set[int] = set()
@@ -49,10 +57,12 @@ class PassthroughWrites:
 
     def start(self, h: FileHandle, flags: int) -> int | None:
         """The backing id for a newly created file's first writer, or None (served by the
-        daemon): not a passthrough mount, not write-only, O_DIRECT, or the kernel refused."""
+        daemon): not asked for, not a passthrough mount, not write-only, O_DIRECT, or the
+        kernel refused."""
         ws = h.ws
-        if (not self.backing.enabled or ws is None or not self._write_only(flags)
-                or flags & os.O_DIRECT or self.backing.holds(h.inode)):
+        if (not self.enabled or not self.backing.enabled or ws is None
+                or not self._write_only(flags) or flags & os.O_DIRECT
+                or self.backing.holds(h.inode)):
             return None
         backing_id = self.backing.open(h.inode, ws.fd)
         if backing_id is None:
