@@ -88,6 +88,23 @@ def test_overwrite_in_place_leaves_a_reader_its_version(workdir: Path) -> None:
     assert p.read_bytes() == b"newer"
 
 
+def test_a_truncate_under_a_reader_leaves_the_next_open_its_own_rule(workdir: Path) -> None:
+    """truncate(2) under a reader moves the name (ESTALE, the kernel retries on the new
+    inode): the mark of that retry must not carry over to the thread's next open, which
+    would take it for a retry (ETXTBSY, or a write under that file's readers)."""
+    cut, other = workdir / "cut.bin", workdir / "other.bin"
+    cut.write_bytes(b"to be cut short")
+    other.write_bytes(b"other's version")
+    with open(cut, "rb") as r1, open(other, "rb") as r2:
+        os.truncate(cut, 5)
+        with open(other, "r+b") as w:  # the same thread, at once
+            w.write(b"OTHER")
+        assert r1.read() == b"to be cut short"
+        assert r2.read() == b"other's version"
+    assert cut.read_bytes() == b"to be"
+    assert other.read_bytes() == b"OTHER's version"
+
+
 def test_another_process_reading_keeps_its_version_of_a_file_written(workdir: Path) -> None:
     p = workdir / "shared.bin"
     p.write_bytes(b"A" * 8192)

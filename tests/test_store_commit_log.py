@@ -21,7 +21,7 @@ import trio
 from storeutil import check_invariants, fsck_clean, read, sha
 
 from artifactfs import open_store
-from artifactfs.errors import Conflict
+from artifactfs.errors import Conflict, NoSpace
 from artifactfs.store import ArtifactStore
 
 MIME = "application/octet-stream"
@@ -240,6 +240,45 @@ def test_a_batch_the_database_dropped_is_redone_from_the_log(tmp_path: Path) -> 
         assert read(store, "lost/a") == b"a" and read(store, "lost/b") == b"b"
         assert {"lost/a", "lost/b"} <= _committed_keys(root)
         trio.run(store.put_artifact, "lost/c", b"c")  # and the store goes on batching
+        check_invariants(store)
+    finally:
+        store.close()
+    fsck_clean(root)
+
+
+def test_a_dropped_batch_that_cannot_be_redone_yet_holds_back_commits_and_frees(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch is dropped and the database still refuses its redo (the disk stays full):
+    its commits are in the log only. Until they are redone, a new commit is refused (the
+    next batch's COMMIT would empty the log) and the blob a dropped replace doomed is kept
+    (the database points at it again); once the database takes them, all is back."""
+    root = tmp_path / "data"
+    store = _opened(root)
+    try:
+        trio.run(store.put_artifact, "kept/a", b"before")
+        store.meta.commit_batch()
+        trio.run(store.put_artifact, "kept/a", b"after")  # dooms the blob of "before"
+        trio.run(store.put_artifact, "kept/b", b"b")
+        real_replay = store.meta.replay_log
+
+        def refused(apply: object) -> int:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(store.meta, "replay_log", refused)
+        sqlite3.Connection.execute(store.meta.conn, "ROLLBACK")  # what SQLite does then
+        with pytest.raises(sqlite3.OperationalError):
+            store.meta.commit_batch()
+        assert read(store, "kept/a") == b"before" and store.meta.redo_pending
+        with pytest.raises(NoSpace):
+            trio.run(store.put_artifact, "kept/c", b"c")
+        store.flush()
+        assert read(store, "kept/a") == b"before"  # its blob outlived the flush
+        monkeypatch.setattr(store.meta, "replay_log", real_replay)
+        trio.run(store.put_artifact, "kept/c", b"c")  # redoes the dropped ones first
+        assert not store.meta.redo_pending
+        assert [read(store, k) for k in ("kept/a", "kept/b", "kept/c")] == [
+            b"after", b"b", b"c"]
+        store.flush()
         check_invariants(store)
     finally:
         store.close()

@@ -19,6 +19,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -28,9 +29,9 @@ from typing import Any
 import pytest
 import trio
 from conftest import SCALE
-from storeutil import all_artifacts, check_invariants, entry_id, put, sha
+from storeutil import all_artifacts, check_invariants, entry_id, put, read, sha
 
-from artifactfs import open_store
+from artifactfs import ArtifactError, open_store
 from artifactfs.store import ArtifactStore
 from artifactfs.store.schema import ROOT_ID
 
@@ -382,6 +383,75 @@ async def test_a_failed_flush_leaves_its_versions_to_the_next(tmp_path: Path) ->
         store.close()
 
 
+def _recording_fsyncs(store: ArtifactStore) -> list[str]:
+    """Every blob id the store's flushes fsync from now on (one by one: few blobs)."""
+    synced: list[str] = []
+    real = store.data.fsync_blobs
+
+    def record(blob_ids: list[str]) -> None:
+        synced.extend(blob_ids)
+        real(blob_ids)
+
+    store.data.fsync_blobs = record  # type: ignore[method-assign]
+    return synced
+
+
+async def test_a_commit_that_rolls_back_leaves_the_flush_the_one_before_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A version committed without fsync, then a second commit of the same key that fails
+    and rolls back: the flush that raises the epoch over the first must still fsync its
+    blob (fewer than SYNCFS_AT blobs: one fsync each, no syncfs to cover a slip)."""
+    store = ArtifactStore(tmp_path / "data")
+    store.open()
+    try:
+        await store.put_artifact("k/a.bin", b"first " * 100)
+        first = store.meta.entry_by_key("k/a.bin")
+        assert first is not None and first.blob_id is not None
+        with monkeypatch.context() as m:
+            def full(*args: object) -> None:
+                raise OSError(28, "No space left on device")
+
+            m.setattr(store.meta.log, "append", full)
+            with pytest.raises(ArtifactError):
+                await store.put_artifact("k/a.bin", b"second " * 100)
+        assert read(store, "k/a.bin") == b"first " * 100  # rolled back
+        synced = _recording_fsyncs(store)
+        store.flush()
+        assert first.blob_id in synced
+        assert store.meta.is_durable(store.meta.entry_by_key("k/a.bin"))
+    finally:
+        store.close()
+
+
+async def test_a_version_kept_to_fall_back_to_outlives_a_flush_it_raced(
+        tmp_path: Path) -> None:
+    """A durable b0 replaced by b1 (b0 kept in `superseded`), a flush begins, and while it
+    waits on the disk b1 is replaced by b2: that flush covers b1 but not b2, so the row kept
+    for the entry still names b0, and b0 must outlive the flush. A power loss that then
+    tears b2 gives b0 back, not nothing."""
+    store = ArtifactStore(tmp_path / "data")
+    store.open()
+    v0, v1, v2 = b"v0 durable " * 300, b"v1 " * 400, b"v2 " * 500
+    await store.put_artifact("race/m.bin", v0)
+    store.flush()
+    await store.put_artifact("race/m.bin", v1)
+    store._end_grace(everything=True)
+    doomed, epoch, blobs = store._begin_flush()  # the flush begins...
+    await store.put_artifact("race/m.bin", v2)  # ...a replace lands while it waits
+    store.data.fsync_blobs(blobs)
+    store.meta.end_flush(epoch, [])
+    store._flushed(doomed, blobs)  # ...and it ends
+    newest = store.meta.entry_by_key("race/m.bin")
+    assert newest is not None and newest.blob_id is not None
+    store = _power_loss(store, newest.blob_id)
+    try:
+        with store.open_artifact("race/m.bin") as f:
+            assert f.read() == v0
+        check_invariants(store)
+    finally:
+        store.close()
+
+
 async def test_a_store_made_before_epochs_is_migrated(tmp_path: Path) -> None:
     """The earlier schema kept a flag per row (durable 1 or 0). Its rows at 0 are verified
     after an unclean shutdown, as before; the others are durable."""
@@ -405,6 +475,35 @@ async def test_a_store_made_before_epochs_is_migrated(tmp_path: Path) -> None:
         with store.open_artifact("old/kept.bin") as f:
             assert f.read() == b"fsynced " * 100
         check_invariants(store)
+    finally:
+        store.close()
+
+
+async def test_a_migrated_row_not_durable_yet_is_synced_by_the_first_flush(
+        tmp_path: Path) -> None:
+    """An earlier schema's row at durable = 0 in a store that then closed cleanly (no
+    start-up check follows): the first flush of the migrated store syncs its blob before
+    its epoch counts as durable."""
+    store = ArtifactStore(tmp_path / "data")
+    store.open()
+    await store.put_artifact("old/pending.bin", b"never synced " * 50)
+    store.close()
+    conn = sqlite3.connect(tmp_path / "data" / "meta.db")
+    conn.execute("ALTER TABLE entries ADD COLUMN durable INTEGER NOT NULL DEFAULT 1")
+    conn.execute("UPDATE entries SET durable = 0 WHERE key = 'old/pending.bin'")
+    conn.execute("ALTER TABLE entries DROP COLUMN epoch")
+    conn.execute("DELETE FROM store_info WHERE name = 'durable_epoch'")
+    conn.commit()
+    conn.close()
+    store = ArtifactStore(tmp_path / "data")
+    store.open()
+    try:
+        e = store.meta.entry_by_key("old/pending.bin")
+        assert e is not None and not store.meta.is_durable(e)
+        synced = _recording_fsyncs(store)
+        store.flush()
+        assert e.blob_id in synced
+        assert store.meta.is_durable(store.meta.entry_by_key("old/pending.bin"))
     finally:
         store.close()
 

@@ -165,6 +165,17 @@ async def test_a_whole_upload_whose_commit_fails_can_be_sent_again(
         check_invariants(store)
 
 
+async def test_a_body_shorter_than_its_stated_length_does_not_commit(tmp_path: Path) -> None:
+    """upload_stream trusts the bytes, not ``length``: 3 bytes said to be 5 leave the
+    session at offset 3, as any short body does."""
+    async with open_store(tmp_path / "d") as store:
+        s = await store.create_upload_session("short/a", "text/plain", 5)
+        assert await store.upload_stream(s.id, [b"abc"], length=5) is None
+        assert (await store.get_upload_session_info(s.id)).offset == 3
+        assert await store.upload_content_to_session(s.id, b"de", 3) is not None
+        assert read(store, "short/a") == b"abcde"
+
+
 async def test_expired_sessions_are_refused_and_swept_with_their_bytes(tmp_path: Path) -> None:
     async with open_store(tmp_path / "d") as store:
         await put(store, "keep", b"kept")

@@ -284,8 +284,10 @@ class Operations(pyfuse3.Operations):
         e: Entry | None = None
         if fields.update_size:
             self.shared.unshare(inode)  # a new version: new opens must not get the old fd
-            if (self._readers_keep_version(inode) and ctx is not None
-                    and not self.replaced.is_retry(ctx.pid)):
+            # Asked first, whatever follows: a retry's marker not used up here would make the
+            # thread's next open (of any file) count as a retry (replaced.is_retry).
+            retry = ctx is not None and self.replaced.is_retry(ctx.pid)
+            if self._readers_keep_version(inode) and ctx is not None and not retry:
                 # A truncate by path under readers: they keep the version they opened, as
                 # under a writer (``open``); truncate(2) retries ESTALE on the new inode.
                 self._move_name(self.store.entry(entry_id))
@@ -641,6 +643,11 @@ class Operations(pyfuse3.Operations):
             raise ArtifactError(f"inode {inode:#x} was replaced ("
                                 + ("version unknown" if retry else "the kernel will retry")
                                 + f", thread {pid})", errno=errno.ESTALE)
+        if flags & os.O_ACCMODE != os.O_RDONLY and self.backing.holds(inode):
+            # Readers read this version through its blob (passthrough.py): a writer must not
+            # share that file, and the kernel retries only once.
+            raise ArtifactError(f"{previous.key}: this version is being read through its blob",
+                                errno=errno.ETXTBSY)
         if flags & os.O_ACCMODE != os.O_RDONLY and flags & os.O_TRUNC:
             ws = await self.store.open_detached_write(previous.id, None)
             h = FileHandle(inode=inode, entry_id=previous.id, entry=previous, ws=ws,

@@ -36,16 +36,38 @@ import logging
 import os
 
 from ..store import ArtifactStore, Entry
+from ..store.blobs import fs_type
 from .handles import FileHandle
 from .passthrough import BackingFiles
 
 log = logging.getLogger("artifactfs.fs")
 
 
+# statfs f_type of the file systems with multigrain timestamps since Linux 6.13: a ctime read
+# by fstat is followed by a different one at the next change (store/snapshot.py relies on it).
+MULTIGRAIN_FS = {0xEF53, 0x58465342, 0x9123683E, 0x01021994}  # ext4, xfs, btrfs, tmpfs
+
+
+def multigrain_ctime(path: os.PathLike[str] | str) -> bool:
+    release = os.uname().release.split("-")[0].split(".")
+    try:
+        version = (int(release[0]), int(release[1]))
+    except (IndexError, ValueError):
+        return False
+    return version >= (6, 13) and fs_type(path) in MULTIGRAIN_FS
+
+
 class PassthroughWrites:
     """Which inodes the kernel writes through a write session's staging file."""
 
     def __init__(self, store: ArtifactStore, backing: BackingFiles, *, enabled: bool) -> None:
+        if enabled and not multigrain_ctime(store.data.root):
+            # Without fine-grained ctime a same-size write in the tick after a commit's copy
+            # would leave the file's state unchanged, and the last commit would miss it.
+            log.warning("--passthrough-writes off: the data directory's file system does not"
+                        " give every change a new ctime (multigrain timestamps: Linux >= 6.13"
+                        " on ext4, xfs, btrfs or tmpfs)")
+            enabled = False
         self.enabled = enabled
         self.store = store
         self.backing = backing

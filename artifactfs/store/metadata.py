@@ -156,6 +156,10 @@ class _Logged:
             if m._batch_open and conn.idle_batch is None:
                 raise RuntimeError("logged commits do not nest: the log would hold both")
             self.mode = "batch"
+            if not m._batch_open and m.redo_pending and not m.retry_redo():
+                raise NoSpace("commits acknowledged before the disk filled are not in the"
+                              " database yet; free space on the data directory's file"
+                              " system and retry")
             # Straight to sqlite3: through _Connection these would commit the idle batch.
             if not m._batch_open:
                 sqlite3.Connection.execute(conn, "BEGIN IMMEDIATE")
@@ -224,7 +228,8 @@ class Metadata:
         # (checkpoint()); this threshold is the safety net if it falls behind: 10000 pages
         # (40 MiB of WAL) (docs/PERFORMANCE.md, "Store").
         self.conn.execute("PRAGMA wal_autocheckpoint = 10000")
-        create_schema(self.conn, time.time_ns())  # idempotent: IF NOT EXISTS / OR IGNORE
+        # Idempotent (IF NOT EXISTS / OR IGNORE); migrates a data directory made earlier.
+        migrated_not_durable = create_schema(self.conn, time.time_ns())
         # Entry ids are the mount's inode numbers, and SQLite hands the largest rowid out again
         # once its row is deleted; the kernel may still hold that inode (a file unlinked while
         # open) and would take a new file for the old one. Ids only grow while this process
@@ -234,13 +239,15 @@ class Metadata:
         # Durability by epochs (schema.py, entries.epoch): rows committed without fsync get
         # `flush_epoch`, the number of the next flush; `durable_epoch` is the last flush that
         # synced its blobs. `_unflushed` holds the blob ids this process committed without
-        # fsync since the last flush began (entry id -> its newest blob id: a version
-        # replaced before the flush needs no fsync), for file systems where the flusher must
-        # fsync each (blobs.py, fsync_blobs); a blob gone since (rolled back, deleted) is
-        # skipped there. No index and no per-row write: the flush is one row.
+        # fsync since the last flush began, for file systems where the flusher must fsync
+        # each (blobs.py, fsync_blobs); a blob gone since (replaced, deleted, rolled back) is
+        # skipped there. Every one, not the newest per entry: a later commit of the entry
+        # that rolls back must not take an earlier, committed one's blob off the list (its
+        # row would be covered by the flush's epoch with its bytes never synced).
+        # No index and no per-row write: the flush is one row.
         self.durable_epoch = int(self.info("durable_epoch") or 0)
         self.flush_epoch = self.durable_epoch + 1
-        self._unflushed: dict[int, str] = {}
+        self._unflushed: list[str] = [b for _, b in migrated_not_durable]
         # Batched commits (commitlog.py): not with --sync, whose every commit is durable at
         # once. `generation` numbers the batch that logged commits go into now; the database
         # holds every batch before it ('log_applied').
@@ -255,6 +262,11 @@ class Metadata:
         # and what wakes its batch committer (ArtifactStore.commit_batches).
         self.redo: Callable[[str, list[Any]], None] | None = None
         self.on_batch_open: Callable[[], None] | None = None
+        # A dropped batch that could not be redone at once: its commits are in the log only.
+        # Until they are redone (retry_redo) no new batch opens, since the next batch's COMMIT
+        # would empty the log, and no doomed blob is freed, since the database may point at
+        # the blobs those commits replaced (ArtifactStore._flushed).
+        self.redo_pending = False
 
     def close(self) -> None:
         """Commit the open batch, if the database still can, and close. A batch that cannot
@@ -347,13 +359,26 @@ class Metadata:
         self.generation += 1
         log.error("the database dropped a batch of %d commits; redoing them from the log",
                   count)
+        self.redo_pending = True
+        self.retry_redo()
+
+    def retry_redo(self) -> bool:
+        """Redo the commits of a dropped batch (_batch_lost) if the database takes them now.
+        Returns whether none is left to redo. Tried again by the next logged commit and by
+        every flush; the next start redoes them in any case."""
+        if not self.redo_pending:
+            return True
         if self.redo is None:
-            return
+            return False
         try:
             self.replay_log(self.redo)
         except (sqlite3.Error, NoSpace, OSError) as exc:
-            log.error("could not redo them now (%s): they stay in the commit log and come"
-                      " back at the next start", exc)
+            log.error("could not redo the dropped commits now (%s): they stay in the commit"
+                      " log, and are tried again", exc)
+            return False
+        self.redo_pending = False
+        log.info("redid the dropped commits from the log")
+        return True
 
     def replay_log(self, apply: Callable[[str, list[Any]], None]) -> int:
         """Redo the logged commits of batches the database does not hold (start-up, fsck):
@@ -503,7 +528,7 @@ class Metadata:
             parent_id = rows[0][0]
         self._last_id = new_id
         if not durable:
-            self._unflushed[new_id] = blob_id
+            self._unflushed.append(blob_id)
         return new_id, parent_id
 
     def set_content(
@@ -535,7 +560,7 @@ class Metadata:
              0 if durable else self.flush_epoch, entry_id),
         )
         if not durable:
-            self._unflushed[entry_id] = blob_id
+            self._unflushed.append(blob_id)
 
     def delete_entry(self, entry_id: int) -> None:
         self.conn.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
@@ -560,6 +585,11 @@ class Metadata:
                 "INSERT INTO superseded (entry_id, blob_id, size, sha256, mime_type,"
                 " created_at) SELECT ?, blob_id, size, sha256, mime_type, created_at"
                 " FROM superseded WHERE entry_id = ?", (moved.id, target.id))
+
+    def superseded_blobs(self) -> set[str]:
+        """The blobs of every version kept to fall back to (the table is small: replaces not
+        yet durable)."""
+        return {b for (b,) in self.conn.execute("SELECT blob_id FROM superseded")}
 
     def is_durable(self, e: Entry) -> bool:
         """Whether ``e``'s version (as read) was on disk, bytes and row, when read."""
@@ -639,22 +669,22 @@ class Metadata:
         ).fetchall()
         return [Entry(*r) for r in rows]
 
-    def begin_flush(self) -> tuple[int, dict[int, str]]:
+    def begin_flush(self) -> tuple[int, list[str]]:
         """A flush starts: it will make durable every version committed before now. Returns
-        its epoch and the blobs to fsync (where the flusher cannot syncfs), by entry id;
-        versions committed from now on belong to the next flush."""
+        its epoch and the blobs to fsync (where the flusher cannot syncfs); versions
+        committed from now on belong to the next flush."""
         epoch, blobs = self.flush_epoch, self._unflushed
         self.flush_epoch += 1
-        self._unflushed = {}
+        self._unflushed = []
         return epoch, blobs
 
     def has_unflushed(self) -> bool:
         return bool(self._unflushed)
 
-    def abort_flush(self, blobs: dict[int, str]) -> None:
+    def abort_flush(self, blobs: list[str]) -> None:
         """The flush failed before end_flush: the next one takes its blobs over (its epoch is
-        higher, so it covers this one's rows too), but for entries committed again since."""
-        self._unflushed = blobs | self._unflushed
+        higher, so it covers this one's rows too)."""
+        self._unflushed[:0] = blobs
 
     def end_flush(self, epoch: int, grown: list[tuple[str, int]]) -> None:
         """Every blob of ``epoch`` and before is on disk, and so are the first ``offset``

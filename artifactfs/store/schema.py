@@ -160,8 +160,10 @@ CREATE TABLE IF NOT EXISTS store_info (
 """
 
 
-def create_schema(conn: sqlite3.Connection, now_ns: int) -> None:
-    """Create every table and the root directory if they are missing."""
+def create_schema(conn: sqlite3.Connection, now_ns: int) -> list[tuple[int, str]]:
+    """Create every table and the root directory if they are missing. Returns the (entry id,
+    blob id) of rows a migration found not durable yet: the first flush must sync them."""
+    not_durable: list[tuple[int, str]] = []
     conn.executescript(_SCHEMA)
     columns = {r[1] for r in conn.execute("PRAGMA table_info(sessions)")}
     if "durable_offset" not in columns:  # a data directory made before the column existed
@@ -172,7 +174,10 @@ def create_schema(conn: sqlite3.Connection, now_ns: int) -> None:
         try:
             conn.execute("ALTER TABLE entries ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0")
             # Rows still at 0 are above any 'durable_epoch' (none was written yet): start-up
-            # after an unclean shutdown verifies them, as it did.
+            # after an unclean shutdown verifies them, as it did, and else the first flush
+            # syncs them (the caller's list), since no process has them on its list.
+            not_durable = [(int(i), str(b)) for i, b in conn.execute(
+                "SELECT id, blob_id FROM entries WHERE durable = 0 AND blob_id IS NOT NULL")]
             conn.execute("UPDATE entries SET epoch = 1 WHERE durable = 0")
             conn.execute("ALTER TABLE entries DROP COLUMN durable")
         except BaseException:
@@ -188,3 +193,4 @@ def create_schema(conn: sqlite3.Connection, now_ns: int) -> None:
         "INSERT OR IGNORE INTO store_info (name, value) VALUES ('schema_version', ?)",
         (str(SCHEMA_VERSION),),
     )
+    return not_durable

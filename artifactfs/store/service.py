@@ -221,7 +221,9 @@ class ArtifactStore(MountWrites):
         self._uploading.add(upload_id)
         try:
             if (s.offset == 0 and length == s.size and s.size <= INLINE_IO_BYTES
-                    and isinstance(chunks, list) and len(chunks) == 1):
+                    and isinstance(chunks, list) and len(chunks) == 1
+                    and isinstance(chunks[0], bytes | bytearray | memoryview)
+                    and len(chunks[0]) == s.size):
                 # The whole artifact, in memory (upload_content_to_session): straight to its
                 # blob, as put_artifact, with no staging file to write, link and unlink.
                 return await self._commit_upload(s, content=chunks[0])
@@ -474,8 +476,8 @@ class ArtifactStore(MountWrites):
         except BaseException:
             self.data.remove_blob(blob_id)
             raise
-        if content is None:
-            self.data.remove_staging(s.id)
+        # Also after a whole upload in one call: an earlier request may have left a file.
+        self.data.remove_staging(s.id)
         return artifact
 
     async def put_artifact(
@@ -598,7 +600,7 @@ class ArtifactStore(MountWrites):
         doomed, epoch, blobs = self._begin_flush()
         try:
             self.data.fsync_staging([i for i, _ in grown])
-            self.data.fsync_blobs(list(blobs.values()))
+            self.data.fsync_blobs(blobs)
             # One FULL-synchronous commit fsyncs the WAL with every earlier transaction in
             # it, so after it no row can come back pointing at a blob unlinked below.
             self.meta.conn.execute("PRAGMA synchronous = FULL")
@@ -626,7 +628,7 @@ class ArtifactStore(MountWrites):
         doomed, epoch, blobs = self._begin_flush()
         try:
             await trio.to_thread.run_sync(self.data.fsync_staging, [i for i, _ in grown])
-            await trio.to_thread.run_sync(self.data.fsync_blobs, list(blobs.values()))
+            await trio.to_thread.run_sync(self.data.fsync_blobs, blobs)
             self.meta.end_flush(epoch, grown)
             await self._sync_metadata()
         except BaseException:
@@ -634,7 +636,7 @@ class ArtifactStore(MountWrites):
             raise
         return self._flushed(doomed, blobs)
 
-    def _begin_flush(self) -> tuple[list[str], int, dict[int, str]]:
+    def _begin_flush(self) -> tuple[list[str], int, list[str]]:
         """What one flush finishes: the blobs doomed so far, which it may unlink once the
         versions committed so far are durable; and those versions' epoch and blobs.
 
@@ -648,13 +650,25 @@ class ArtifactStore(MountWrites):
         epoch, blobs = self.meta.begin_flush()
         return doomed, epoch, blobs
 
-    def _abort_flush(self, doomed: list[str], blobs: dict[int, str]) -> None:
+    def _abort_flush(self, doomed: list[str], blobs: list[str]) -> None:
         self._doomed[:0] = doomed  # unlinked by the next flush that gets this far
         self.meta.abort_flush(blobs)
 
-    def _flushed(self, doomed: list[str], blobs: dict[int, str]) -> int:
+    def _flushed(self, doomed: list[str], blobs: list[str]) -> int:
+        if not self.meta.retry_redo():
+            # Commits the database dropped are in the log only, and the rows they replaced
+            # point at doomed blobs now: keep those until the commits are redone.
+            self._doomed[:0] = doomed
+            return len(blobs)
+        # A version kept to fall back to (`superseded`) stays, even if doomed: a replace
+        # committed while this flush waited on the disk keeps the older durable version's
+        # row, and the flush of that replace frees it (docs/RELIABILITY.md).
+        kept = self.meta.superseded_blobs() if doomed else set()
         for blob_id in doomed:
-            self.data.remove_blob(blob_id)
+            if blob_id in kept:
+                self._doomed.append(blob_id)
+            else:
+                self.data.remove_blob(blob_id)
         return len(blobs)
 
     def sweep_expired(self) -> int:
