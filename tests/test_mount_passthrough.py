@@ -28,7 +28,6 @@ from mountutil import (
     Mount,
     assert_a_truncate_leaves_a_reader_its_version,
     assert_appends_and_shared_maps_commit,
-    eventually,
     mounted,
     workdir_fixture,
 )
@@ -210,32 +209,6 @@ def test_a_writers_shared_map_never_writes_into_the_readers_blob(workdir: Path,
 
 def test_a_truncate_under_a_reader_that_reads_through(workdir: Path) -> None:
     assert_a_truncate_leaves_a_reader_its_version(workdir / "cut.bin")
-
-
-def test_a_name_replaced_by_another_face_leaves_a_reader_its_version(
-        workdir: Path, mount: Mount) -> None:
-    key = f"{workdir.name}/replaced.bin"
-    old, new = os.urandom(300_000), os.urandom(200_000)
-    mount.put(key, old)
-    p = mount.path / key
-    with open(p, "rb") as reader:
-        assert reader.read(1000) == old[:1000]
-        mount.put(key, new)
-        eventually(lambda: _assert_bytes(p, new))  # a new opener: the new version, whole
-        assert reader.read() == old[1000:]
-        assert os.fstat(reader.fileno()).st_size == len(old)
-        mount.delete(key)
-        eventually(lambda: _assert_gone(p))
-        reader.seek(0)
-        assert reader.read() == old  # deleted behind its back: readable until closed
-
-
-def _assert_bytes(p: Path, data: bytes) -> None:
-    assert p.read_bytes() == data
-
-
-def _assert_gone(p: Path) -> None:
-    assert not p.exists()
 
 
 def test_unaligned_o_direct_reads_are_served(workdir: Path) -> None:
