@@ -255,9 +255,11 @@ async def test_sigkill_at_random_points_loses_nothing_committed(tmp_path: Path) 
 # other WAL fsync took it along) and its bytes did not; start-up must fall back to the durable
 # version it replaced, never lose the key.
 
-def _power_loss(store: ArtifactStore, torn_blob: str) -> ArtifactStore:
-    """Stop without a clean shutdown (no flush, no clean marker), tear ``torn_blob`` as a lost
-    page cache would, and open the store again (recovery runs)."""
+def _power_loss(store: ArtifactStore, torn_key: str) -> ArtifactStore:
+    """Stop without a clean shutdown (no flush, no clean marker), tear the bytes ``torn_key``
+    points at now as a lost page cache would, and open the store again (recovery runs)."""
+    (torn_blob,) = store.meta.conn.execute(  # plain SQL: a test may have changed the schema
+        "SELECT blob_id FROM entries WHERE key = ?", (torn_key,)).fetchone()
     store.meta.close()
     store.data.release()
     path = store.data.blob_path(torn_blob)
@@ -276,9 +278,7 @@ async def test_torn_replacement_falls_back_to_the_durable_version(tmp_path: Path
     assert store.flush() == 1  # now durable
     await store.put_artifact("ckpt/model.bin", first)  # not durable yet...
     await store.put_artifact("ckpt/model.bin", second)  # ...nor this one
-    newest = store.meta.entry_by_key("ckpt/model.bin")
-    assert newest is not None and newest.blob_id is not None
-    store = _power_loss(store, newest.blob_id)
+    store = _power_loss(store, "ckpt/model.bin")
     try:
         got = await store.get_artifact("ckpt/model.bin")
         assert (got.size, got.sha256) == (len(old), sha(old))
@@ -300,9 +300,7 @@ async def test_torn_file_renamed_over_a_durable_one_falls_back_to_that(tmp_path:
     d = store.meta.entry_by_key("d")
     assert d is not None
     store.rename(d.id, "incoming.bin", d.id, "target.bin")  # as `mv` in the mount
-    moved = store.meta.entry_by_key("d/target.bin")
-    assert moved is not None and moved.blob_id is not None
-    store = _power_loss(store, moved.blob_id)
+    store = _power_loss(store, "d/target.bin")
     try:
         with store.open_artifact("d/target.bin") as f:
             assert f.read() == old
@@ -343,7 +341,7 @@ async def test_a_flush_makes_a_burst_durable_by_one_number(tmp_path: Path) -> No
     late_entry = store.meta.entry_by_key("burst/late.bin")
     assert late_entry is not None and late_entry.blob_id is not None
     assert late_entry.epoch == epoch + 1 and not store.meta.is_durable(late_entry)
-    store = _power_loss(store, late_entry.blob_id)
+    store = _power_loss(store, "burst/late.bin")
     try:
         # The burst was below the durable epoch: trusted, not read again (still its epoch);
         # the late one was verified, found torn and dropped.
@@ -383,8 +381,9 @@ async def test_a_failed_flush_leaves_its_versions_to_the_next(tmp_path: Path) ->
         store.close()
 
 
-def _recording_fsyncs(store: ArtifactStore) -> list[str]:
-    """Every blob id the store's flushes fsync from now on (one by one: few blobs)."""
+def _assert_the_next_flush_syncs(store: ArtifactStore, key: str, blob_id: str) -> None:
+    """The next flush fsyncs ``blob_id`` (one by one: few blobs, no syncfs to cover a slip)
+    and then counts ``key``'s version as durable."""
     synced: list[str] = []
     real = store.data.fsync_blobs
 
@@ -393,7 +392,10 @@ def _recording_fsyncs(store: ArtifactStore) -> list[str]:
         real(blob_ids)
 
     store.data.fsync_blobs = record  # type: ignore[method-assign]
-    return synced
+    store.flush()
+    assert blob_id in synced
+    e = store.meta.entry_by_key(key)
+    assert e is not None and e.blob_id == blob_id and store.meta.is_durable(e)
 
 
 async def test_a_commit_that_rolls_back_leaves_the_flush_the_one_before_it(
@@ -415,10 +417,7 @@ async def test_a_commit_that_rolls_back_leaves_the_flush_the_one_before_it(
             with pytest.raises(ArtifactError):
                 await store.put_artifact("k/a.bin", b"second " * 100)
         assert read(store, "k/a.bin") == b"first " * 100  # rolled back
-        synced = _recording_fsyncs(store)
-        store.flush()
-        assert first.blob_id in synced
-        assert store.meta.is_durable(store.meta.entry_by_key("k/a.bin"))
+        _assert_the_next_flush_syncs(store, "k/a.bin", first.blob_id)
     finally:
         store.close()
 
@@ -441,9 +440,7 @@ async def test_a_version_kept_to_fall_back_to_outlives_a_flush_it_raced(
     store.data.fsync_blobs(blobs)
     store.meta.end_flush(epoch, [])
     store._flushed(doomed, blobs)  # ...and it ends
-    newest = store.meta.entry_by_key("race/m.bin")
-    assert newest is not None and newest.blob_id is not None
-    store = _power_loss(store, newest.blob_id)
+    store = _power_loss(store, "race/m.bin")
     try:
         with store.open_artifact("race/m.bin") as f:
             assert f.read() == v0
@@ -460,14 +457,12 @@ async def test_a_store_made_before_epochs_is_migrated(tmp_path: Path) -> None:
     await store.put_artifact("old/kept.bin", b"fsynced " * 100)
     store.flush()
     await store.put_artifact("old/torn.bin", b"not fsynced " * 100)
-    torn = store.meta.entry_by_key("old/torn.bin")
-    assert torn is not None and torn.blob_id is not None
     conn = store.meta.conn
     conn.execute("ALTER TABLE entries ADD COLUMN durable INTEGER NOT NULL DEFAULT 1")
     conn.execute("UPDATE entries SET durable = 0 WHERE epoch > ?", (_durable_epoch(store),))
     conn.execute("ALTER TABLE entries DROP COLUMN epoch")
     conn.execute("DELETE FROM store_info WHERE name = 'durable_epoch'")
-    store = _power_loss(store, torn.blob_id)
+    store = _power_loss(store, "old/torn.bin")
     try:
         columns = {r[1] for r in store.meta.conn.execute("PRAGMA table_info(entries)")}
         assert "epoch" in columns and "durable" not in columns
@@ -499,11 +494,8 @@ async def test_a_migrated_row_not_durable_yet_is_synced_by_the_first_flush(
     store.open()
     try:
         e = store.meta.entry_by_key("old/pending.bin")
-        assert e is not None and not store.meta.is_durable(e)
-        synced = _recording_fsyncs(store)
-        store.flush()
-        assert e.blob_id in synced
-        assert store.meta.is_durable(store.meta.entry_by_key("old/pending.bin"))
+        assert e is not None and e.blob_id is not None and not store.meta.is_durable(e)
+        _assert_the_next_flush_syncs(store, "old/pending.bin", e.blob_id)
     finally:
         store.close()
 

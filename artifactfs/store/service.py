@@ -624,6 +624,7 @@ class ArtifactStore(MountWrites):
         self._end_grace()
         grown = self.meta.sessions_grown()
         if not self._doomed and not self.meta.has_unflushed() and not grown:
+            self.meta.retry_redo()  # commits a dropped batch left in the log, if any
             return 0
         doomed, epoch, blobs = self._begin_flush()
         try:
