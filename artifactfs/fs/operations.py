@@ -784,7 +784,7 @@ class Operations(pyfuse3.Operations):
 
     @translated
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.store.get_xattr(self.inodes.entry_id(inode), os.fsdecode(name))
+        return await self.store.read_xattr(self.inodes.entry_id(inode), os.fsdecode(name))
 
     @translated
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:

@@ -45,6 +45,7 @@ async def open_store(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(partial(store.run_background, flush_interval=flush_interval))
                 nursery.start_soon(store.commit_batches)
+                nursery.start_soon(store.digests.run)
                 try:
                     yield store
                 finally:

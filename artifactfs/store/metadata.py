@@ -496,7 +496,7 @@ class Metadata:
         now_ns: int,
         blob_id: str,
         size: int,
-        sha256: str,
+        sha256: str | None,
         mime_type: str,
         created_at: int,
         durable: bool,
@@ -537,7 +537,7 @@ class Metadata:
         *,
         blob_id: str,
         size: int,
-        sha256: str,
+        sha256: str | None,
         mime_type: str,
         created_at: int,
         mtime_ns: int,
@@ -595,7 +595,7 @@ class Metadata:
         """Whether ``e``'s version (as read) was on disk, bytes and row, when read."""
         return e.epoch <= self.durable_epoch
 
-    def superseded(self, entry_id: int) -> tuple[str, str, int] | None:
+    def superseded(self, entry_id: int) -> tuple[str, str | None, int] | None:
         """(blob_id, sha256, size) of the durable version kept for ``entry_id``, if any."""
         row = self.conn.execute(
             "SELECT blob_id, sha256, size FROM superseded WHERE entry_id = ?",
@@ -718,6 +718,23 @@ class Metadata:
         durable whatever the epochs say from now on."""
         self.conn.executemany(
             "UPDATE entries SET epoch = 0 WHERE id = ? AND blob_id = ?", pairs)
+
+    def set_digest(self, entry_id: int, blob_id: str, sha256: str) -> None:
+        """The pending digest of ``entry_id``'s version ``blob_id`` (digests.py); nothing if
+        the entry holds another version by now. Also on the version kept to fall back to."""
+        self.conn.execute(
+            "UPDATE entries SET sha256 = ? WHERE id = ? AND blob_id = ? AND sha256 IS NULL",
+            (sha256, entry_id, blob_id))
+        self.conn.execute(
+            "UPDATE superseded SET sha256 = ? WHERE blob_id = ? AND sha256 IS NULL",
+            (sha256, blob_id))
+
+    def pending_digests(self) -> list[tuple[int, str]]:
+        """(entry id, blob id) of every version whose digest is pending, oldest entry first
+        (schema.py, ``entries_digest_pending``)."""
+        return [(int(i), str(b)) for i, b in self.conn.execute(
+            "SELECT id, blob_id FROM entries WHERE blob_id IS NOT NULL AND sha256 IS NULL"
+            " ORDER BY id")]
 
     def blob_ids_sorted(self) -> Iterator[str]:
         """Every blob id a row points at, in order: the orphan scan merges it with the sorted

@@ -11,6 +11,15 @@ import sqlite3
 SCHEMA_VERSION = 1
 ROOT_ID = 1
 
+_SUPERSEDED_COLUMNS = """(
+    entry_id   INTEGER PRIMARY KEY,
+    blob_id    TEXT NOT NULL,
+    size       INTEGER NOT NULL,
+    sha256     TEXT,
+    mime_type  TEXT,
+    created_at INTEGER
+)"""
+
 _SCHEMA = """
 -- One row per path in the tree: the root, directories, files and symbolic links.
 --
@@ -31,6 +40,12 @@ _SCHEMA = """
 -- size, sha256, mime_type, created_at
 --            the committed artifact's size in bytes, content digest, mime type and commit time
 --            (Unix seconds). size is 0 and the others NULL while blob_id is NULL.
+--            sha256 is also NULL, "pending", for a version committed through the mount whose
+--            bytes the commit did not see arrive in order (a passthrough writer's, random
+--            writes): the store hashes the immutable blob right after the commit and fills it
+--            in (store/digests.py); a face asked for it meanwhile waits. Start-up queues the
+--            rows still pending (index below); after a power loss a pending row that was not
+--            durable cannot be verified and goes like a torn one (recovery.py).
 --            mime_type of a pending file lives on its session row until commit.
 -- epoch      0 when the blob's bytes and its directory entry were fsynced at commit (--sync, a
 --            file fsynced before close); else the number of the flush that will make them
@@ -72,6 +87,10 @@ CREATE INDEX IF NOT EXISTS entries_by_parent ON entries(parent_id);
 CREATE INDEX IF NOT EXISTS dirs_by_parent ON entries(parent_id) WHERE kind = 'dir';
 -- Start-up finds files created in the mount that never committed without a full scan.
 CREATE INDEX IF NOT EXISTS pending_files ON entries(id) WHERE kind = 'file' AND blob_id IS NULL;
+-- Start-up finds the versions whose digest is still pending (sha256 above) without a full
+-- scan. Only rows committed with a pending digest enter it, and their digest takes them out.
+CREATE INDEX IF NOT EXISTS entries_digest_pending ON entries(id)
+    WHERE blob_id IS NOT NULL AND sha256 IS NULL;
 -- Not indexed, on purpose (each was an index once; each cost a page write on every commit,
 -- and together they were half of a small commit's time: docs/PERFORMANCE.md, "Store"):
 -- * list_artifacts pages through the key index above (sqlite_autoindex_entries_1) and skips
@@ -136,15 +155,9 @@ CREATE TABLE IF NOT EXISTS sessions (
 --            the moved file when a rename replaces a file. Deleted in the transaction that
 --            raises 'durable_epoch' to the new version's epoch, or that deletes the entry.
 --            Its blob is on the doomed list (state.py), unlinked only after that
---            transaction is on disk.
-CREATE TABLE IF NOT EXISTS superseded (
-    entry_id   INTEGER PRIMARY KEY,
-    blob_id    TEXT NOT NULL,
-    size       INTEGER NOT NULL,
-    sha256     TEXT NOT NULL,
-    mime_type  TEXT,
-    created_at INTEGER
-);
+--            transaction is on disk. sha256 NULL: that version's digest was still pending
+--            (its blob is durable, so start-up can trust what it holds at its size).
+CREATE TABLE IF NOT EXISTS superseded """ + _SUPERSEDED_COLUMNS + """;
 
 -- Facts about the store itself: 'schema_version'; 'boot_id' (the kernel's boot id at the last
 -- start: a different one at start-up means the machine restarted, so the page cache is gone);
@@ -180,6 +193,19 @@ def create_schema(conn: sqlite3.Connection, now_ns: int) -> list[tuple[int, str]
                 "SELECT id, blob_id FROM entries WHERE durable = 0 AND blob_id IS NOT NULL")]
             conn.execute("UPDATE entries SET epoch = 1 WHERE durable = 0")
             conn.execute("ALTER TABLE entries DROP COLUMN durable")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    if any(r[1] == "sha256" and r[3] for r in conn.execute("PRAGMA table_info(superseded)")):
+        # Made before pending digests: sha256 was NOT NULL, which SQLite cannot relax in
+        # place. The table is small (replaces not durable yet): copy it, in one transaction.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("ALTER TABLE superseded RENAME TO superseded_old")
+            conn.execute("CREATE TABLE superseded " + _SUPERSEDED_COLUMNS)
+            conn.execute("INSERT INTO superseded SELECT * FROM superseded_old")
+            conn.execute("DROP TABLE superseded_old")
         except BaseException:
             conn.execute("ROLLBACK")
             raise

@@ -48,7 +48,7 @@ class WriteSession:
     # sha256 of bytes [0, hashed), fed by writes that arrived in order (cp, dd, a training
     # job saving a checkpoint), so the commit need not read the whole file again. None once
     # a write lands anywhere but at ``hashed``, or the file was truncated or copied into:
-    # then the commit hashes the file (the slow path, always right).
+    # then the digest is computed from the blob after the commit (store/digests.py).
     hasher: Any = field(default_factory=hashlib.sha256)
     hashed: int = 0
     # The kernel writes the staging file itself (FUSE passthrough, fs/passthrough_writes.py):
@@ -58,8 +58,8 @@ class WriteSession:
     # The staging file's state when the last commit of a passthrough session started copying
     # it (snapshot.FileState): the same state later means nothing was written since.
     committed_state: Any = None
-    # A passthrough session's fsync copies the file and hashes the copy for its commit
-    # (writes.py ``sync_write``): (state, staging id of the copy, sha256, size). Once such a
+    # A passthrough session's fsync copies the file for its commit, durably (writes.py
+    # ``sync_write``): (state, staging id of the copy, size). Once such a
     # copy went unused (the file changed after it), later fsyncs just fsync the file.
     prepared: Any = None
     prepare_wasted: bool = False

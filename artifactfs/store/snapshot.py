@@ -6,9 +6,10 @@ stop the kernel writing: a handle that a commit at close(2) made an artifact may
 written through another descriptor of the same open file (``dd`` and shells dup2() and close
 the first descriptor; a forked child closes its copy; the kernel cannot tell the daemon which
 close is the last). So the staging file never becomes the blob while the kernel may write it:
-each commit **copies** it into a fresh file and hashes what the copy holds. The digest is
-therefore always that of the blob's bytes, whatever the writers do meanwhile; and whether the
-copy is still the staging file's content is told by the file's state (size, mtime, ctime):
+each commit **copies** it into a fresh file, which becomes the blob (its digest is computed
+from it after the commit, digests.py, so it is always that of the blob's bytes, whatever the
+writers do meanwhile); and whether the copy is still the staging file's content is told by
+the file's state (size, mtime, ctime):
 
 - ext4 on Linux >= 6.13 has multigrain timestamps: once a ctime has been read (fstat), the next
   change of the file gets a ctime that differs from it (measured: 20,000 of 20,000 writes
@@ -26,17 +27,15 @@ flushed or released, so the last commit is the file's final content.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import queue
-import threading
 from typing import NamedTuple
 
-# Ranges copied by one copy_file_range call (the kernel copies page cache to page cache on
-# ext4), each hashed by a second thread as soon as it is in the copy: hashing (the slower
-# half, ~1.5-2 GB/s with SHA-NI) overlaps copying on the other core.
+from .blobs import start_writeback
+
+# Bytes copied by one copy_file_range call (the kernel copies page cache to page cache on
+# ext4); an fsync's copy starts writing each range back as soon as it is copied, so the disk
+# writes while the next range is copied (the fsync at the end waits for the last ones).
 COPY_CHUNK = 16 << 20
-HASH_READ = 4 << 20
 
 
 class FileState(NamedTuple):
@@ -53,46 +52,22 @@ def settled_state(fd: int) -> FileState:
     return FileState(st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def copy_hashed(src: int, dst: int) -> tuple[str, int]:
-    """Copy all of ``src`` into the empty file ``dst``; (sha256, size) of what ``dst`` got.
+def copy_file(src: int, dst: int, *, durable: bool = False) -> int:
+    """Copy all of ``src`` into the empty file ``dst``; the number of bytes copied.
 
-    Blocking: run it in a worker thread. The digest is read back from ``dst``, which only
-    this function writes, so it is the copy's even if ``src`` changes meanwhile.
+    Blocking: run it in a worker thread if the file is big. ``durable``: ``dst`` is fsynced
+    when it returns, its writeback started range by range as the copy goes (an fsync of a
+    written file, ``dd conv=fsync``: the disk's time then overlaps the copy's instead of
+    following it).
     """
-    ranges: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
-    h = hashlib.sha256()
-    failed: list[BaseException] = []
-
-    def hash_ranges() -> None:
-        buf = bytearray(HASH_READ)
-        view = memoryview(buf)
-        try:
-            while (r := ranges.get()) is not None:
-                pos, end = r
-                while pos < end:
-                    n = os.preadv(dst, [view[:min(HASH_READ, end - pos)]], pos)
-                    if n <= 0:
-                        raise OSError(f"the copy ended at {pos} of {end} bytes")
-                    h.update(view[:n])  # hashlib releases the GIL for large buffers
-                    pos += n
-        except BaseException as exc:
-            failed.append(exc)
-            while ranges.get() is not None:  # let the copier finish its puts
-                pass
-
-    hasher = threading.Thread(target=hash_ranges, name="artifactfs-copy-hash")
-    hasher.start()
     pos = 0
-    try:
-        while not failed:
-            n = os.copy_file_range(src, dst, COPY_CHUNK, pos, pos)
-            if n == 0:
-                break
-            ranges.put((pos, pos + n))
-            pos += n
-    finally:
-        ranges.put(None)
-        hasher.join()
-    if failed:
-        raise failed[0]
-    return h.hexdigest(), pos
+    while True:
+        n = os.copy_file_range(src, dst, COPY_CHUNK, pos, pos)
+        if n == 0:
+            break
+        if durable:
+            start_writeback(dst, pos, n)
+        pos += n
+    if durable:
+        os.fsync(dst)
+    return pos

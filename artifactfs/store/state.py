@@ -17,6 +17,7 @@ from pathlib import Path
 import trio
 
 from .blobs import DataDir, sha256_of_fd
+from .digests import PendingDigests
 from .metadata import Entry, Metadata, SessionRow
 from .sessions import WriteSession
 
@@ -66,6 +67,7 @@ class StoreState:
         # Where uris point: the HTTP face sets its absolute URL here when it serves.
         self.uri_base = uri_base or "artifactfs://local"
         self.meta: Metadata  # opened by open()
+        self.digests: PendingDigests  # made by open()
         self._writes: dict[int, WriteSession] = {}
         self._uploading: set[str] = set()
         self._listeners: list[Callable[[Change], None]] = []

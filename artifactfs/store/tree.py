@@ -247,6 +247,14 @@ class TreeOperations(StoreState):
             names.append(XATTR_SESSION)
         return names
 
+    async def read_xattr(self, entry_id: int, name: str) -> bytes:
+        """``get_xattr``, after waiting for a digest that is still being computed."""
+        if name == XATTR_SHA256:
+            e = self.entry(entry_id)
+            if e.blob_id is not None and e.sha256 is None:
+                await self.digests.ready(e)
+        return self.get_xattr(entry_id, name)
+
     def get_xattr(self, entry_id: int, name: str) -> bytes:
         # Answered without the database: the kernel asks for security.capability around every
         # write (PLATFORM.md), ls -l for ACLs and SELinux labels on every entry. ENOTSUP, not

@@ -27,7 +27,7 @@ from ..models import mime_type_for_name, validate_size
 from .blobs import fsync_path, is_no_space
 from .metadata import Entry, SessionRow
 from .sessions import WriteSession
-from .snapshot import copy_hashed, settled_state
+from .snapshot import copy_file, settled_state
 from .state import INLINE_IO_BYTES, Change, log
 from .tree import TreeOperations
 
@@ -140,10 +140,10 @@ class MountWrites(TreeOperations):
                 created_at=int(time.time()), expires_at=None))
             # An empty artifact has nothing to copy, so the running digest still covers every
             # byte: `dd of=F` opens F, dup2()s it and closes the first fd, which commits F
-            # empty; dd's writes then start this session, and hashing it again at commit
-            # cost ~1 s per GiB (docs/PERFORMANCE.md).
+            # empty; dd's writes then start this session, whose digest can then be taken
+            # as the bytes arrive.
             if e.blob_id and not truncate and e.size > 0:
-                ws.hasher = None  # starts from a copy: the commit hashes the whole file
+                ws.hasher = None  # starts from a copy: its digest follows the commit
                 self.data.check_space(e.size, f"rewriting {e.key}")
                 if e.size <= INLINE_IO_BYTES:
                     self.data.copy_blob_to_staging(e.blob_id, session_id)
@@ -198,7 +198,7 @@ class MountWrites(TreeOperations):
         if source_fd is None:  # O_TRUNC: it starts empty
             ws.ready.set()
             return ws
-        ws.hasher = None  # starts from a copy: the commit hashes the whole file
+        ws.hasher = None  # starts from a copy: its digest follows the commit
         try:
             size = os.fstat(source_fd).st_size
             self.data.check_space(size, f"rewriting unlinked entry {entry_id}")
@@ -257,12 +257,12 @@ class MountWrites(TreeOperations):
         ws.synced = True
 
     async def _prepare_commit(self, ws: WriteSession) -> bool:
-        """fsync of a passthrough session: make the commit's copy now, hashed and durable,
-        instead of fsyncing the staging file. The bytes written so far are then as durable
-        as fsync promises (a session nobody commits is discarded after a crash anyway, so
-        only what a commit will publish needs the disk), and a close that follows (``dd
-        conv=fsync``) finds its copy made (snapshot.py). Its hashing overlaps the disk
-        write of the copy. False if a copy made for an earlier fsync went unused."""
+        """fsync of a passthrough session: make the commit's copy now, durable, instead of
+        fsyncing the staging file. The bytes written so far are then as durable as fsync
+        promises (a session nobody commits is discarded after a crash anyway, so only what
+        a commit will publish needs the disk), and a close that follows (``dd conv=fsync``)
+        finds its copy made (snapshot.py). The copy's writeback overlaps the copying.
+        False if a copy made for an earlier fsync went unused."""
         state = settled_state(ws.fd)
         if ws.prepared is not None:
             if ws.prepared[0] == state:
@@ -274,22 +274,11 @@ class MountWrites(TreeOperations):
         copy_id = secrets.token_urlsafe(18)
         self.data.create_staging(copy_id)
         try:
-            copy_fd = self.data.open_staging(copy_id)
-            src = ws.fd
-
-            def copy() -> tuple[str, int]:
-                digest = copy_hashed(src, copy_fd)
-                os.fsync(copy_fd)
-                return digest
-
-            try:
-                sha, size = await trio.to_thread.run_sync(copy)
-            finally:
-                os.close(copy_fd)
+            size = await self._copy(ws.fd, copy_id, state.size, durable=True)
         except BaseException:
             self.data.remove_staging(copy_id)
             raise
-        ws.prepared = (state, copy_id, sha, size)
+        ws.prepared = (state, copy_id, size)
         return True
 
     def _forget_prepared(self, ws: WriteSession) -> None:
@@ -351,7 +340,7 @@ class MountWrites(TreeOperations):
             self.data.remove_staging(prepared[1])
             ws.prepare_wasted = True
         if reuse:
-            _, copy_id, sha, size = prepared  # made by fsync: hashed, and durable already
+            _, copy_id, size = prepared  # made by fsync: durable already
         else:
             # The kernel's writes reached the disk without the space check each WRITE gets:
             # a nearly full file system refuses the commit, as a failed write would have.
@@ -360,11 +349,12 @@ class MountWrites(TreeOperations):
             self.data.create_staging(copy_id)
         try:
             if not reuse:
-                sha, size = await self._copy_hashed(ws.fd, copy_id, state.size)
+                size = await self._copy(ws.fd, copy_id, state.size)
             blob_id = await self._publish(copy_id, durable)
         finally:
             self.data.remove_staging(copy_id)
-        e = self._set_content(ws, blob_id, sha, size, durable, end_session=final)
+        # The digest follows the commit (digests.py): the copy is the blob, immutable now.
+        e = self._set_content(ws, blob_id, None, size, durable, end_session=final)
         if e is None:
             if final:
                 self._drop_write_session(ws)
@@ -372,18 +362,20 @@ class MountWrites(TreeOperations):
         ws.committed_state = state
         if final:
             self.data.remove_staging(ws.id)
-        return await self._committed(ws, e, size, sha, durable)
+        return await self._committed(ws, e, blob_id, size, None, durable)
 
-    async def _copy_hashed(self, src: int, copy_id: str, size: int) -> tuple[str, int]:
+    async def _copy(self, src: int, copy_id: str, size: int, *, durable: bool = False) -> int:
+        """Copy a passthrough session's staging file into the staging file ``copy_id``."""
         copy_fd = self.data.open_staging(copy_id)
         try:
             if size <= INLINE_IO_BYTES:
-                return copy_hashed(src, copy_fd)
-            return await trio.to_thread.run_sync(lambda: copy_hashed(src, copy_fd))
+                return copy_file(src, copy_fd, durable=durable)
+            return await trio.to_thread.run_sync(
+                lambda: copy_file(src, copy_fd, durable=durable))
         finally:
             os.close(copy_fd)
 
-    def _set_content(self, ws: WriteSession, blob_id: str, sha: str, size: int,
+    def _set_content(self, ws: WriteSession, blob_id: str, sha: str | None, size: int,
                      durable: bool, *, end_session: bool = True) -> Entry | None:
         """The commit's one transaction: the entry gets the blob. Returns the entry as it
         was before (None, the blob removed, if the entry or the session went meanwhile)."""
@@ -406,15 +398,19 @@ class MountWrites(TreeOperations):
             raise
         return e
 
-    async def _committed(self, ws: WriteSession, e: Entry, size: int, sha: str,
-                         durable: bool) -> Entry | None:
-        """After the commit's transaction: the listing, the version it replaced, the WAL."""
+    async def _committed(self, ws: WriteSession, e: Entry, blob_id: str, size: int,
+                         sha: str | None, durable: bool) -> Entry | None:
+        """After the commit's transaction: the listing, the version it replaced, the digest
+        (if the commit left it pending), the WAL."""
         if e.blob_id is None:
             self._changed_keys()  # a new artifact joins the listing
         else:
             self._doom(e.blob_id, replaced=True)
             ws.replaced = e
-        log.info("committed %s (%d bytes, sha256 %s) from the mount", e.key, size, sha[:12])
+        if sha is None:
+            self.digests.add(e.id, blob_id, size)
+        log.info("committed %s (%d bytes, sha256 %s) from the mount", e.key, size,
+                 sha[:12] if sha else "to follow")
         if durable and not self.sync:
             await self._sync_metadata()
         return self.meta.entry(e.id)
@@ -432,8 +428,11 @@ class MountWrites(TreeOperations):
             self._abandon_write(ws)
             raise NoSpace(f"{key} was not saved: a write to it failed for want of space;"
                           " it keeps its previous content")
-        sha, size = (ws.running_digest(os.fstat(ws.fd).st_size)
-                     or await self._digest(ws.fd))
+        # Writes that arrived in order were hashed as they came; else the digest follows
+        # the commit (digests.py) instead of holding close(2) while the file is read back.
+        size = os.fstat(ws.fd).st_size
+        digest = ws.running_digest(size)
+        sha = digest[0] if digest else None
         durable = ws.synced or self.sync
         blob_id = await self._publish(ws.id, durable)
         e = self._set_content(ws, blob_id, sha, size, durable)
@@ -441,7 +440,7 @@ class MountWrites(TreeOperations):
             self._drop_write_session(ws)
             return None
         self.data.remove_staging(ws.id)
-        return await self._committed(ws, e, size, sha, durable)
+        return await self._committed(ws, e, blob_id, size, sha, durable)
 
     async def _sync_metadata(self) -> None:
         """fsync the WAL holding the commit just made: synchronous=NORMAL leaves that to the

@@ -1,0 +1,143 @@
+"""Digests a commit did not compute: hashed from the blob right after the commit.
+
+A mount commit whose bytes did not reach the daemon in order (a passthrough writer's, which
+the daemon never sees; random writes; an append to an existing file) would have to read the
+whole file back to hash it before close(2) could return: ~0.8 s per GiB here, more than a
+native ``cp`` of the file takes in all (docs/PERFORMANCE.md, "Digests after the commit").
+Such a commit stores sha256 NULL, "pending" (schema.py), and ``PendingDigests`` hashes the
+blob on a worker thread, oldest first, and records the digest. Blobs are immutable, so the
+digest computed later is the one the commit would have computed.
+
+Every face still shows a digest: a face that needs a pending one (get_artifact,
+list_artifacts, the content route's ETag, the mount's ``user.sha256``) waits for it, and that
+blob is hashed next. Start-up queues every row still pending.
+
+Concurrency (docs/CONCURRENCY.md): the queue and the events live on the trio thread; the
+worker thread only reads a blob. The digest is written by one short transaction that names
+the version (entry id and blob id), so a version replaced or deleted meanwhile is not
+touched, and a blob unlinked meanwhile is still read whole through the open fd.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import trio
+
+from ..errors import ArtifactError
+from .blobs import DataDir, sha256_of_path
+from .metadata import Entry, Metadata
+
+log = logging.getLogger("artifactfs.store")
+
+# Below this a blob is hashed on the trio thread (a thread hop costs more, PLATFORM.md).
+INLINE_HASH_BYTES = 4 << 20
+
+
+class PendingDigests:
+    """The versions whose digest is pending, in commit order, and who waits for which."""
+
+    def __init__(self, meta: Metadata, data: DataDir) -> None:
+        self.meta = meta
+        self.data = data
+        self._queue: OrderedDict[str, tuple[int, int]] = OrderedDict()  # blob -> (entry, size)
+        self._done: dict[str, trio.Event] = {}
+        self._wakeup = trio.Event()
+        self._running = False
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def add(self, entry_id: int, blob_id: str, size: int) -> None:
+        """Queue a version committed with a pending digest (after its transaction)."""
+        if blob_id not in self._done:
+            self._queue[blob_id] = (entry_id, size)
+            self._done[blob_id] = trio.Event()
+            self._wakeup.set()
+
+    def add_all(self, versions: Iterable[tuple[int, str]]) -> None:
+        """Queue what start-up found pending (sizes unknown: any size is hashed in a thread)."""
+        for entry_id, blob_id in versions:
+            self.add(entry_id, blob_id, INLINE_HASH_BYTES + 1)
+
+    async def ready(self, e: Entry) -> Entry | None:
+        """``e`` as it is once its digest is known: read again, since it may have been
+        replaced or deleted meanwhile (None then). ``e`` itself if its digest was known."""
+        while e.blob_id is not None and e.sha256 is None:
+            blob_id = e.blob_id
+            done = self._done.get(blob_id)
+            if done is None:
+                # Not queued: recorded meanwhile (read the row again), or a row this process
+                # did not queue (none should be; hash it rather than wait for nothing).
+                self.add(e.id, blob_id, e.size)
+                done = self._done[blob_id]
+            if blob_id in self._queue:
+                if self._running:
+                    self._queue.move_to_end(blob_id, last=False)  # someone waits: next
+                else:
+                    await self._hash(blob_id)  # no worker (a store without background work)
+            await done.wait()
+            now = self.meta.entry(e.id)
+            if now is None or not now.is_artifact:
+                return None
+            if now.blob_id == blob_id and now.sha256 is None:
+                return now  # the blob could not be hashed (logged): show no digest
+            e = now
+        return e
+
+    async def ready_all(self, entries: list[Entry]) -> list[Entry]:
+        """``entries`` with their digests, those deleted while waiting left out."""
+        if all(e.sha256 is not None or e.blob_id is None for e in entries):
+            return entries
+        out = []
+        for e in entries:
+            now = await self.ready(e)
+            if now is not None:
+                out.append(now)
+        return out
+
+    async def run(self) -> None:
+        """Hash the queued blobs, oldest first (a waited-for one first); runs until
+        cancelled. Rows still pending at shutdown are queued again at the next start."""
+        self._running = True
+        try:
+            while True:
+                if not self._queue:
+                    self._wakeup = trio.Event()
+                    await self._wakeup.wait()
+                    continue
+                await self._hash(next(iter(self._queue)))
+        finally:
+            self._running = False
+
+    async def _hash(self, blob_id: str) -> None:
+        entry_id, size = self._queue.pop(blob_id)
+        done = self._done[blob_id]
+        try:
+            e = self.meta.entry(entry_id)
+            if e is None or e.blob_id != blob_id or e.sha256 is not None:
+                return  # replaced or deleted before its turn: nothing to record
+            path = self.data.blob_path(blob_id)
+            if size <= INLINE_HASH_BYTES:
+                found = sha256_of_path(path)
+            else:
+                found = await trio.to_thread.run_sync(sha256_of_path, path,
+                                                      abandon_on_cancel=True)
+            if found is None or found[1] != e.size:
+                # The row and its blob disagree: damage that fsck reports; no digest to show.
+                log.error("cannot record the digest of %s: its blob %s %s", e.key, blob_id,
+                          "is missing" if found is None
+                          else f"has {found[1]} bytes, the row says {e.size}")
+                return
+            with self.meta.transaction():
+                self.meta.set_digest(entry_id, blob_id, found[0])
+            log.debug("digest of %s: sha256 %s", e.key, found[0][:12])
+        except (OSError, sqlite3.Error, ArtifactError) as exc:
+            # A failing disk: the row stays pending and start-up queues it again.
+            log.error("could not record the digest of blob %s (%s)", blob_id, exc)
+        finally:
+            del self._done[blob_id]
+            done.set()
