@@ -1,7 +1,7 @@
 """The ``artifactfs`` command: parses options and hands them to the module that does the work.
 
     artifactfs mount MOUNTPOINT [--data DIR] [--http ADDR] [--token T] [--foreground] [--sync]
-                     [--no-passthrough] [--passthrough-writes]
+                     [--no-passthrough] [--no-passthrough-writes]
     artifactfs umount MOUNTPOINT
     artifactfs serve --http ADDR [--data DIR] [--token T]
     artifactfs put FILE KEY | get KEY [FILE] | ls [PREFIX] | info KEY | rm KEY...   (over HTTP)
@@ -52,11 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
                         " default; Linux >= 6.9 and CAP_SYS_ADMIN, else the mount says so in"
                         " its log and the daemon serves reads); --no-passthrough: the daemon"
                         " serves every read, with the kernel's writeback cache")
-    p.add_argument("--passthrough-writes", action="store_true",
+    p.add_argument("--passthrough-writes", action=argparse.BooleanOptionalAction,
+                   default=True,
                    help="with passthrough, the kernel also writes files created write-only"
-                        " (cp, dd) straight into their staging files, and each commit copies"
-                        " and hashes the file in worker threads: the daemon's loop stays free"
-                        " for other requests during large writes (docs/PERFORMANCE.md)")
+                        " (cp, dd, a shell's >) straight into their staging files, and the"
+                        " commit at close copies the file (the default where the data"
+                        " directory's file system has multigrain timestamps: Linux >= 6.13 on"
+                        " ext4, xfs, btrfs or tmpfs); --no-passthrough-writes: the daemon"
+                        " receives every write (docs/PERFORMANCE.md)")
 
     p = sub.add_parser("umount", help="unmount a mount point")
     p.add_argument("mountpoint", type=Path)

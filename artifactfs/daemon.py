@@ -179,8 +179,8 @@ def _child_argv(args: argparse.Namespace, mountpoint: str, data_dir: Path) -> li
     if args.allow_other:
         argv.append("--allow-other")
     argv.append("--passthrough" if args.passthrough else "--no-passthrough")
-    if args.passthrough_writes:
-        argv.append("--passthrough-writes")
+    argv.append("--passthrough-writes" if args.passthrough_writes
+                else "--no-passthrough-writes")
     return argv
 
 

@@ -39,7 +39,7 @@ async def serve_mount(
     *,
     allow_other: bool = False,
     passthrough: bool = True,
-    passthrough_writes: bool = False,
+    passthrough_writes: bool = True,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Mount ``store`` at ``mountpoint`` and answer the kernel until unmounted or cancelled.
@@ -49,7 +49,7 @@ async def serve_mount(
     the daemon) it unmounts itself, lazily if files are still open. ``passthrough`` (the
     default) asks the kernel to read committed artifacts from their blobs (passthrough.py;
     logged at INIT when it cannot, and the mount then works as without it);
-    ``passthrough_writes`` lets the kernel write new write-only files too
+    ``passthrough_writes`` (the default too) lets the kernel write new write-only files
     (passthrough_writes.py).
     """
     cache = KernelCache()

@@ -1,19 +1,19 @@
 """FUSE passthrough for writers: the kernel writes a new file's staging file itself.
 
-An option (``artifactfs mount --passthrough-writes``), off by default: on this 2-core machine
-it moves the per-byte work off the daemon's loop (other requests are answered ~3x faster during
-a large ``cp`` or ``dd``) but does not make ``cp`` or ``dd`` faster, since each commit must copy
-and hash the whole file after the last write instead of hashing as the writes arrive, and the
-kernel's writes can take the metadata's space reserve (docs/PERFORMANCE.md, "Passthrough for
-writers").
+On by default (``artifactfs mount --no-passthrough-writes`` turns it off) where passthrough is
+on and the data directory's file system gives every change a new ctime (below): the bytes of
+``cp``, ``dd`` and a shell's ``>`` then go from the kernel to ext4 without a request to the
+daemon, which otherwise spends ~1.2 s of CPU per GiB receiving, writing and hashing them
+(docs/PERFORMANCE.md, "Passthrough for writers"). The daemon sees no write, so the commit at
+close copies the staging file (store/snapshot.py says why it must, and how it knows the copy
+is still the file's content) and the digest is computed from that copy after the commit
+(store/digests.py); the last RELEASE needs no copy. Costs: the copy (in the kernel, ~3.5 GB/s
+here), a file's pages written back twice if it stays dirty long enough, and the kernel's
+writes are not held to the metadata's space reserve (the commit is).
 
-On such a mount a file created for writing only (``O_WRONLY``: ``cp``,
-``dd``, shell redirections, Python's ``open(p, "wb")``) is answered with its write session's
-staging file as the kernel's backing file, so its writes go from the kernel to ext4 without a
-request to the daemon (docs/PERFORMANCE.md: ~1.2 s of daemon CPU per GiB otherwise). The daemon
-sees no write, so the store keeps no running digest: each commit copies the staging file and
-hashes the copy (store/snapshot.py says why it must copy, and how it knows the copy is still
-the file's content). The FLUSH of the last writable handle commits what the file holds
+A file created for writing only (``O_WRONLY``: ``cp``, ``dd``, shell redirections, Python's
+``open(p, "wb")``) is answered with its write session's staging file as the kernel's backing
+file. The FLUSH of the last writable handle commits what the file holds
 (``snapshot_write``) and keeps the session open, since the kernel may write on through another
 descriptor of that open file without telling the daemon; the last RELEASE commits again only
 if the file changed since.
@@ -64,9 +64,9 @@ class PassthroughWrites:
         if enabled and not multigrain_ctime(store.data.root):
             # Without fine-grained ctime a same-size write in the tick after a commit's copy
             # would leave the file's state unchanged, and the last commit would miss it.
-            log.warning("--passthrough-writes off: the data directory's file system does not"
-                        " give every change a new ctime (multigrain timestamps: Linux >= 6.13"
-                        " on ext4, xfs, btrfs or tmpfs)")
+            log.info("passthrough writes off: the data directory's file system does not"
+                     " give every change a new ctime (multigrain timestamps: Linux >= 6.13"
+                     " on ext4, xfs, btrfs or tmpfs)")
             enabled = False
         self.enabled = enabled
         self.store = store

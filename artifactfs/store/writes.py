@@ -317,7 +317,9 @@ class MountWrites(TreeOperations):
 
     async def _commit_passthrough(self, ws: WriteSession, *, final: bool) -> Entry | None:
         """Commit a copy of a passthrough session's staging file (snapshot.py); ``final``
-        ends the session, which commits only if the file changed since its last commit."""
+        (the last RELEASE: no descriptor is left to write the file) ends the session,
+        commits only if the file changed since its last commit, and needs no copy: the
+        staging file itself becomes the blob."""
         if ws.detached or self.meta.entry(ws.entry_id) is None:
             if final:
                 self._drop_write_session(ws)
@@ -339,20 +341,32 @@ class MountWrites(TreeOperations):
         if prepared is not None and not reuse:
             self.data.remove_staging(prepared[1])
             ws.prepare_wasted = True
+        # The kernel's writes reached the disk without the space check each WRITE gets:
+        # a nearly full file system refuses the commit, as a failed write would have.
+        self.data.check_space(0, lambda: f"committing {self._key_of(ws)}")
+        copied = not reuse and not final
         if reuse:
             _, copy_id, size = prepared  # made by fsync: durable already
+        elif final:
+            copy_id, size = ws.id, state.size
         else:
-            # The kernel's writes reached the disk without the space check each WRITE gets:
-            # a nearly full file system refuses the commit, as a failed write would have.
-            self.data.check_space(state.size, lambda: f"committing {self._key_of(ws)}")
+            try:
+                self.data.check_space(state.size, "")
+            except NoSpace:
+                # No room for a copy: the commit waits for the last RELEASE, which needs
+                # none (close(2) returns first; the window is the kernel's next request).
+                log.warning("%s: no room to copy it at close; it commits when its last"
+                            " descriptor is released", self._key_of(ws))
+                return None
             copy_id = secrets.token_urlsafe(18)
             self.data.create_staging(copy_id)
         try:
-            if not reuse:
+            if copied:
                 size = await self._copy(ws.fd, copy_id, state.size)
             blob_id = await self._publish(copy_id, durable)
         finally:
-            self.data.remove_staging(copy_id)
+            if copy_id != ws.id:
+                self.data.remove_staging(copy_id)
         # The digest follows the commit (digests.py): the copy is the blob, immutable now.
         e = self._set_content(ws, blob_id, None, size, durable, end_session=final)
         if e is None:
@@ -361,7 +375,7 @@ class MountWrites(TreeOperations):
             return None
         ws.committed_state = state
         if final:
-            self.data.remove_staging(ws.id)
+            self.data.remove_staging(ws.id)  # its blob name stays (publish links it)
         return await self._committed(ws, e, blob_id, size, None, durable)
 
     async def _copy(self, src: int, copy_id: str, size: int, *, durable: bool = False) -> int:
