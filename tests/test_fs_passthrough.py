@@ -258,5 +258,5 @@ async def test_with_passthrough_writes_new_write_only_files_get_their_staging_fi
         await ops.flush(info.fh)
         await ops.release(info.fh)
     assert kernel.open_ids == set()
-    assert store.get_xattr(store.lookup(1, "wo.bin").id, "user.sha256") == (
+    assert await store.read_xattr(store.lookup(1, "wo.bin").id, "user.sha256") == (
         b"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
