@@ -15,7 +15,7 @@ blob is hashed next. Start-up queues every row still pending.
 Concurrency (docs/CONCURRENCY.md): the queue and the events live on the trio thread; the
 worker thread only reads a blob. The digest is written by one short transaction that names
 the version (entry id and blob id), so a version replaced or deleted meanwhile is not
-touched, and a blob unlinked meanwhile is still read whole through the open fd.
+touched; its blob, opened by path in the thread, may be gone by then, which is no damage.
 """
 
 from __future__ import annotations
@@ -126,6 +126,9 @@ class PendingDigests:
             else:
                 found = await trio.to_thread.run_sync(sha256_of_path, path,
                                                       abandon_on_cancel=True)
+            now = self.meta.entry(entry_id)
+            if now is None or now.blob_id != blob_id or now.sha256 is not None:
+                return  # replaced or deleted while hashed (its blob maybe freed): no damage
             if found is None or found[1] != e.size:
                 # The row and its blob disagree: damage that fsck reports; no digest to show.
                 log.error("cannot record the digest of %s: its blob %s %s", e.key, blob_id,
