@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import subprocess
 import sys
@@ -23,6 +24,8 @@ from pathlib import Path
 import httpx
 import pytest
 from mountutil import IN_CI, cannot_mount, check_can_mount, eventually, start_daemon, unmount
+
+from artifactfs.store.blobs import RESERVE_MIN
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(180)]
 
@@ -207,3 +210,28 @@ def test_disk_filled_by_someone_else(small: Small) -> None:
 
 def _assert(cond: bool, msg: str) -> None:
     assert cond, msg
+
+
+def test_a_file_with_no_room_for_its_copy_commits_at_its_release(small: Small) -> None:
+    """A file the kernel writes itself (passthrough writes, the default) is copied by the
+    commit at close (store/snapshot.py). Bigger than the room left for that copy, close must
+    still succeed: the last RELEASE, which needs no copy, commits it (store/writes.py)."""
+    s = small
+    if "passthrough writes off" in s.log.read_text():
+        pytest.skip("this kernel or file system cannot have passthrough writes")
+    size = (s.free() - RESERVE_MIN) * 2 // 3  # fits once, not twice, above the reserve
+    size -= size % 4
+    data = write_file(s.mnt / "big.bin", size, seed=7)  # close(2) succeeds
+    with s.http() as c:
+        r = eventually(lambda: _ok(c.get("/v1/artifacts/big.bin")))
+        assert r.json()["size"] == size
+        assert r.json()["sha256"] == hashlib.sha256(data).hexdigest()
+        assert c.get("/v1/artifacts/big.bin:content").content == data
+    assert (s.mnt / "big.bin").read_bytes() == data
+    assert "no room to copy it at close" in s.log.read_text()
+    no_staging_left(s)
+
+
+def _ok(r: httpx.Response) -> httpx.Response:
+    assert r.status_code == 200, r.text
+    return r

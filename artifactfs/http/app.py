@@ -172,9 +172,11 @@ def create_app(store: ArtifactStore, *, token: str | None = None) -> FastAPI:
         if_range: Annotated[str | None, Header()] = None,
     ) -> Response:
         """Stream the artifact's bytes with its mime type; honours Range."""
+        # In this order, with no await between: get_artifact may wait for a digest being
+        # computed, and the key may hold another version after that wait.
+        artifact = await store.get_artifact(key)
         f = store.open_artifact(key)
         try:
-            artifact = await store.get_artifact(key)
             return content_response(f, artifact, range_header=byte_range, if_range=if_range,
                                     head=request.method == "HEAD")
         except BaseException:
