@@ -212,26 +212,24 @@ def _assert(cond: bool, msg: str) -> None:
     assert cond, msg
 
 
-def test_a_file_with_no_room_for_its_copy_commits_at_its_release(small: Small) -> None:
+def test_a_file_with_no_room_for_its_copy_fails_its_close(small: Small) -> None:
     """A file the kernel writes itself (passthrough writes, the default) is copied by the
-    commit at close (store/snapshot.py). Bigger than the room left for that copy, close must
-    still succeed: the last RELEASE, which needs no copy, commits it (store/writes.py)."""
+    commit at close (store/snapshot.py), which needs its room again. Without it the close
+    fails with ENOSPC, as a failed write does: nothing is committed, nothing is left, and
+    close(2) returning 0 still always means committed."""
     s = small
     if "passthrough writes off" in s.log.read_text():
         pytest.skip("this kernel or file system cannot have passthrough writes")
     size = (s.free() - RESERVE_MIN) * 2 // 3  # fits once, not twice, above the reserve
-    size -= size % 4
-    data = write_file(s.mnt / "big.bin", size, seed=7)  # close(2) succeeds
+    with pytest.raises(OSError) as exc:
+        write_file(s.mnt / "big.bin", size - size % 4, seed=7)
+    assert exc.value.errno == errno.ENOSPC, exc.value
     with s.http() as c:
-        r = eventually(lambda: _ok(c.get("/v1/artifacts/big.bin")))
-        assert r.json()["size"] == size
-        assert r.json()["sha256"] == hashlib.sha256(data).hexdigest()
-        assert c.get("/v1/artifacts/big.bin:content").content == data
-    assert (s.mnt / "big.bin").read_bytes() == data
-    assert "no room to copy it at close" in s.log.read_text()
+        assert c.get("/v1/artifacts/big.bin").status_code == 404
+    eventually(lambda: _assert(not (s.mnt / "big.bin").exists(), "big.bin lingers"))
     no_staging_left(s)
-
-
-def _ok(r: httpx.Response) -> httpx.Response:
-    assert r.status_code == 200, r.text
-    return r
+    # What fits once and its copy too commits as always.
+    again = write_file(s.mnt / "half.bin", size // 3 - size // 3 % 4, seed=8)
+    with s.http() as c:
+        r = c.get("/v1/artifacts/half.bin")
+        assert r.status_code == 200 and r.json()["sha256"] == hashlib.sha256(again).hexdigest()

@@ -417,6 +417,55 @@ async def test_unclean_shutdown_same_boot_keeps_a_pending_row_with_its_digest(
         store.close()
 
 
+async def test_fsck_repair_never_fills_the_digest_of_a_version_not_durable(
+        tmp_path: Path) -> None:
+    """After a power loss a non-durable pending row may hold torn bytes: fsck (which does
+    not know whether the machine restarted) must not record their digest, or start-up would
+    then verify the torn bytes against it and keep them (found by review)."""
+    store = plain_store(tmp_path / "data")
+    data = content(21)
+    entry = await commit_out_of_order(store, "t.bin", data)
+    blob_id = row(store, entry)[0]
+    assert blob_id is not None
+    data_dir = unclean_shutdown(store)
+    with open(ArtifactStore(data_dir).data.blob_path(blob_id), "r+b") as f:
+        f.seek(4096)
+        f.write(bytes(4096))  # a page inside the surviving length lost
+    pretend_reboot(data_dir)
+    run_fsck(data_dir, repair=True)
+    assert db_pending(data_dir) == [("t.bin", None)]
+    store = plain_store(data_dir)
+    try:
+        assert store.meta.entry_by_key("t.bin") is None  # start-up dropped it
+    finally:
+        store.close()
+
+
+async def test_a_start_interrupted_after_a_reboot_verifies_as_after_a_reboot_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The boot id is recorded only once start-up's verification is done: a first start
+    after a reboot that dies part-way must not make the second one trust the page cache."""
+    store = plain_store(tmp_path / "data")
+    entry = await commit_out_of_order(store, "lost.bin", content(22))
+    assert row(store, entry)[1] is None
+    data_dir = unclean_shutdown(store)
+    pretend_reboot(data_dir)
+
+    def die(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # the first start is killed while it verifies
+
+    from artifactfs.store import recovery
+    monkeypatch.setattr(recovery, "_verify_not_durable", die)
+    with pytest.raises(KeyboardInterrupt):
+        plain_store(data_dir)
+    monkeypatch.undo()
+    store = plain_store(data_dir)
+    try:
+        assert store.meta.entry_by_key("lost.bin") is None
+    finally:
+        store.close()
+
+
 async def test_reboot_drops_a_pending_row_that_was_not_durable(tmp_path: Path) -> None:
     store = plain_store(tmp_path / "data")
     data = content(14)

@@ -793,7 +793,7 @@ class Operations(pyfuse3.Operations):
     @translated
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
-        self.store.set_xattr(self.inodes.entry_id(inode), os.fsdecode(name), value)
+        await self.store.write_xattr(self.inodes.entry_id(inode), os.fsdecode(name), value)
 
     @translated
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:

@@ -9,8 +9,9 @@ blob on a worker thread, oldest first, and records the digest. Blobs are immutab
 digest computed later is the one the commit would have computed.
 
 Every face still shows a digest: a face that needs a pending one (get_artifact,
-list_artifacts, the content route's ETag, the mount's ``user.sha256``) waits for it, and that
-blob is hashed next. Start-up queues every row still pending.
+list_artifacts, the content route's ETag, the mount's ``user.sha256``, setting it to its own
+value) waits for it, and hashes that blob itself if the worker has not begun it. Start-up
+queues every row still pending.
 
 Concurrency (docs/CONCURRENCY.md): the queue and the events live on the trio thread; the
 worker thread only reads a blob. The digest is written by one short transaction that names
@@ -75,10 +76,9 @@ class PendingDigests:
                 self.add(e.id, blob_id, e.size)
                 done = self._done[blob_id]
             if blob_id in self._queue:
-                if self._running:
-                    self._queue.move_to_end(blob_id, last=False)  # someone waits: next
-                else:
-                    await self._hash(blob_id)  # no worker (a store without background work)
+                # Someone waits: hash it now, beside whatever the worker is hashing (a face
+                # must not wait behind a 50 GiB blob committed just before this one).
+                await self._hash(blob_id)
             await done.wait()
             now = self.meta.entry(e.id)
             if now is None or not now.is_artifact:

@@ -42,8 +42,6 @@ def recover(store: ArtifactStore) -> None:
     # boot (or none to compare): the machine restarted, and what was not fsynced may be lost.
     boot = _boot_id()
     rebooted = boot is None or meta.info("boot_id") != boot
-    if boot is not None:
-        meta.set_info("boot_id", boot)
     for s in meta.all_sessions():
         if s.origin == "mount":
             # Its writer was this daemon's kernel client, gone with the crash: no one can
@@ -85,6 +83,9 @@ def recover(store: ArtifactStore) -> None:
         removed = remove_orphan_blobs(store)
         if removed:
             log.info("removed %d blobs no artifact points at", removed)
+    # Only now: a start interrupted after a reboot must verify as after a reboot again.
+    if boot is not None:
+        meta.set_info("boot_id", boot)
 
 
 def _boot_id() -> str | None:
@@ -247,8 +248,11 @@ def _check_artifacts(store: ArtifactStore, report: FsckReport, repair: bool) -> 
                           advice=f"{e.key}: its bytes are gone; delete it or re-upload it")
         elif e.sha256 is None and found[1] == e.size:
             # A digest still pending (digests.py): the daemon records it when it next runs,
-            # or this repair does (after the scan: not under its open cursor).
-            pending.append((e.id, e.blob_id, found[0]))
+            # or this repair does (after the scan: not under its open cursor). Only for a
+            # durable version: one that is not may hold torn bytes after a power loss, and
+            # start-up, which knows whether the machine restarted, decides about it.
+            if store.meta.is_durable(e):
+                pending.append((e.id, e.blob_id, found[0]))
         elif found != (e.sha256, e.size):
             report.damage(
                 f"{e.key}: blob has {found[1]} bytes sha256 {found[0][:12]}, row says"

@@ -63,6 +63,9 @@ class WriteSession:
     # copy went unused (the file changed after it), later fsyncs just fsync the file.
     prepared: Any = None
     prepare_wasted: bool = False
+    # The staging file became a committed version's blob (published as itself, not copied):
+    # from then on nothing may truncate or write ``fd``, even if the rest of the commit fails.
+    fd_is_blob: bool = False
 
     @property
     def mtime_ns(self) -> int:

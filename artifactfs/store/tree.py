@@ -249,11 +249,20 @@ class TreeOperations(StoreState):
 
     async def read_xattr(self, entry_id: int, name: str) -> bytes:
         """``get_xattr``, after waiting for a digest that is still being computed."""
+        await self._digest_known(entry_id, name)
+        return self.get_xattr(entry_id, name)
+
+    async def write_xattr(self, entry_id: int, name: str, value: bytes) -> None:
+        """``set_xattr``, after waiting for a digest that is still being computed (``cp -a``
+        and ``rsync -X`` set ``user.sha256`` to the value it has, just after the close)."""
+        await self._digest_known(entry_id, name)
+        self.set_xattr(entry_id, name, value)
+
+    async def _digest_known(self, entry_id: int, name: str) -> None:
         if name == XATTR_SHA256:
             e = self.entry(entry_id)
             if e.blob_id is not None and e.sha256 is None:
                 await self.digests.ready(e)
-        return self.get_xattr(entry_id, name)
 
     def get_xattr(self, entry_id: int, name: str) -> bytes:
         # Answered without the database: the kernel asks for security.capability around every

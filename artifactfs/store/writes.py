@@ -40,9 +40,13 @@ class MountWrites(TreeOperations):
         validate_size(size)
         ws = self._writes.get(entry_id)
         if ws is not None and not ws.committing:
-            await ws.ready.wait()
-            self._ftruncate(ws, size)
-            return self.entry(entry_id)
+            if not ws.ready.is_set():
+                await ws.ready.wait()
+            # Again after the wait: a commit that began meanwhile may have made the staging
+            # file the blob (a committed version's bytes must never change).
+            if self._writes.get(entry_id) is ws and not ws.committing and ws.failed is None:
+                self._ftruncate(ws, size)
+                return self.entry(entry_id)
         ws = await self.open_write(entry_id, truncate=size == 0)
         try:
             self._ftruncate(ws, size)
@@ -297,8 +301,11 @@ class MountWrites(TreeOperations):
         except Exception:
             # No writer is left to retry (the fd closes below): a session that failed to
             # commit (a full disk, an I/O error) must not hold its bytes' space until restart.
-            with contextlib.suppress(Exception):
-                self._abandon_write(ws)
+            # Not once its staging file is a committed blob (a failure after the commit's
+            # transaction, such as the WAL's fsync): those bytes are the artifact's.
+            if not ws.fd_is_blob:
+                with contextlib.suppress(Exception):
+                    self._abandon_write(ws)
             raise
         finally:
             if self._writes.get(ws.entry_id) is ws:
@@ -336,28 +343,27 @@ class MountWrites(TreeOperations):
             raise NoSpace(f"{key} was not saved: a write to it failed for want of space;"
                           " it keeps its previous content")
         durable = ws.synced or self.sync
-        prepared, ws.prepared = ws.prepared, None
+        prepared = ws.prepared
         reuse = prepared is not None and prepared[0] == state
         if prepared is not None and not reuse:
-            self.data.remove_staging(prepared[1])
+            self._forget_prepared(ws)
             ws.prepare_wasted = True
-        # The kernel's writes reached the disk without the space check each WRITE gets:
-        # a nearly full file system refuses the commit, as a failed write would have.
-        self.data.check_space(0, lambda: f"committing {self._key_of(ws)}")
         copied = not reuse and not final
-        if reuse:
+        if copied:
+            # The kernel's writes reached the disk without the space check each WRITE gets,
+            # and the copy needs their room again: a file system without it refuses the
+            # commit, as a failed write would have, and the file is not kept (nospace).
+            try:
+                self.data.check_space(state.size, lambda: f"committing {self._key_of(ws)}")
+            except NoSpace:
+                ws.nospace = True
+                raise
+        ws.prepared = None
+        if prepared is not None and reuse:
             _, copy_id, size = prepared  # made by fsync: durable already
         elif final:
-            copy_id, size = ws.id, state.size
+            copy_id, size = ws.id, state.size  # no descriptor is left to write it
         else:
-            try:
-                self.data.check_space(state.size, "")
-            except NoSpace:
-                # No room for a copy: the commit waits for the last RELEASE, which needs
-                # none (close(2) returns first; the window is the kernel's next request).
-                log.warning("%s: no room to copy it at close; it commits when its last"
-                            " descriptor is released", self._key_of(ws))
-                return None
             copy_id = secrets.token_urlsafe(18)
             self.data.create_staging(copy_id)
         try:
@@ -374,6 +380,7 @@ class MountWrites(TreeOperations):
                 self._drop_write_session(ws)
             return None
         ws.committed_state = state
+        ws.fd_is_blob = copy_id == ws.id
         if final:
             self.data.remove_staging(ws.id)  # its blob name stays (publish links it)
         return await self._committed(ws, e, blob_id, size, None, durable)
@@ -382,8 +389,8 @@ class MountWrites(TreeOperations):
         """Copy a passthrough session's staging file into the staging file ``copy_id``."""
         copy_fd = self.data.open_staging(copy_id)
         try:
-            if size <= INLINE_IO_BYTES:
-                return copy_file(src, copy_fd, durable=durable)
+            if size <= INLINE_IO_BYTES and not durable:  # an fsync never runs on the loop
+                return copy_file(src, copy_fd)
             return await trio.to_thread.run_sync(
                 lambda: copy_file(src, copy_fd, durable=durable))
         finally:
@@ -453,6 +460,7 @@ class MountWrites(TreeOperations):
         if e is None:
             self._drop_write_session(ws)
             return None
+        ws.fd_is_blob = True
         self.data.remove_staging(ws.id)
         return await self._committed(ws, e, blob_id, size, sha, durable)
 
@@ -477,8 +485,9 @@ class MountWrites(TreeOperations):
         self._forget_prepared(ws)
         # Its space now, not when its fd closes: the transaction below needs some, and a file
         # the kernel wrote by itself (passthrough_writes.py) may have taken the last of it.
-        with contextlib.suppress(OSError):
-            os.ftruncate(ws.fd, 0)
+        if not ws.fd_is_blob:
+            with contextlib.suppress(OSError):
+                os.ftruncate(ws.fd, 0)
         with self.meta.transaction():
             self.meta.delete_session(ws.id)
             e = self.meta.entry(ws.entry_id)
@@ -507,7 +516,10 @@ class MountWrites(TreeOperations):
         is open for writing (as on a disk), else the committed blob. The caller closes it."""
         ws = self._writes.get(entry_id)
         if ws is not None:
-            return os.open(self.data.staging_path(ws.id), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return os.open(self.data.staging_path(ws.id), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                pass  # committed a moment ago (its commit still finishing): the blob below
         e = self.meta.entry(entry_id)
         if e is None:
             raise NotFound(f"no entry {entry_id}")
