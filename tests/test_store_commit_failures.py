@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from artifactfs.errors import NoSpace, Unsupported
+from artifactfs.errors import NoSpace, NotFound, Unsupported
 from artifactfs.store import ArtifactStore
 from artifactfs.store.schema import ROOT_ID
-from artifactfs.store.tree import XATTR_SHA256
+from artifactfs.store.tree import XATTR_SESSION, XATTR_SHA256
 
 DATA = random.Random(1).randbytes(300_000)
 
@@ -176,5 +176,25 @@ async def test_the_fsync_of_a_small_file_never_blocks_the_loop(
     await store.sync_write(ws)
     monkeypatch.setattr(os, "fsync", real)
     assert calls and not any(calls), calls
+    await store.release_write(ws)
+    assert blob_bytes(store, e.id) == DATA
+
+
+async def test_a_file_closed_by_its_writers_shows_no_upload_session(
+        store: ArtifactStore) -> None:
+    """A passthrough session committed at the close of its last writer lives on until the
+    kernel's RELEASE, which may come after the next request: the file is closed and
+    committed, so it no longer names an upload session; a writer joining names it again."""
+    e, ws = store.create_file(ROOT_ID, "x.bin", 0o644, 0, 0)
+    store.pass_through(ws)
+    os.pwrite(ws.fd, DATA, 0)
+    assert XATTR_SESSION in store.xattr_names(e.id)
+    assert await store.snapshot_write(ws) is not None  # the FLUSH at close
+    assert XATTR_SESSION not in store.xattr_names(e.id)
+    with pytest.raises(NotFound):
+        await store.read_xattr(e.id, XATTR_SESSION)
+    assert store.join_write(ws, truncate=False)  # another write-only open of the file
+    assert (await store.read_xattr(e.id, XATTR_SESSION)).decode() == ws.id
+    await store.release_write(ws)
     await store.release_write(ws)
     assert blob_bytes(store, e.id) == DATA

@@ -58,6 +58,8 @@ class WriteSession:
     # The staging file's state when the last commit of a passthrough session started copying
     # it (snapshot.FileState): the same state later means nothing was written since.
     committed_state: Any = None
+    # Its last writer closed and the close committed it; the next writer to join clears it.
+    closed_by_writers: bool = False
     # A passthrough session's fsync copies the file for its commit, durably (writes.py
     # ``sync_write``): (state, staging id of the copy, size). Once such a
     # copy went unused (the file changed after it), later fsyncs just fsync the file.
@@ -66,6 +68,13 @@ class WriteSession:
     # The staging file became a committed version's blob (published as itself, not copied):
     # from then on nothing may truncate or write ``fd``, even if the rest of the commit fails.
     fd_is_blob: bool = False
+
+    @property
+    def being_written(self) -> bool:
+        """Whether a writer still has the file open, as far as anyone outside can tell: a
+        passthrough session committed at the close of its last writer lives on only until
+        the kernel's RELEASE (a descriptor it cannot see may write on, snapshot.py)."""
+        return not self.closed_by_writers
 
     @property
     def mtime_ns(self) -> int:

@@ -243,7 +243,8 @@ class TreeOperations(StoreState):
         names = [XATTR_MIME]
         if e.is_artifact:
             names += [XATTR_SHA256, XATTR_CREATED]
-        if entry_id in self._writes:
+        ws = self._writes.get(entry_id)
+        if ws is not None and ws.being_written:
             names.append(XATTR_SESSION)
         return names
 
@@ -285,7 +286,7 @@ class TreeOperations(StoreState):
                 value = e.sha256
             elif name == XATTR_CREATED:
                 value = e.created_at
-            elif name == XATTR_SESSION and ws is not None:
+            elif name == XATTR_SESSION and ws is not None and ws.being_written:
                 value = ws.id
         if value is None:
             raise NotFound(f"no attribute {name}", errno=errno.ENODATA)

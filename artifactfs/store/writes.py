@@ -170,6 +170,7 @@ class MountWrites(TreeOperations):
         if truncate:
             self._ftruncate(ws, 0)
         ws.writers += 1
+        ws.closed_by_writers = False
         return True
 
     def _fail_open(self, ws: WriteSession, exc: BaseException) -> None:
@@ -335,6 +336,8 @@ class MountWrites(TreeOperations):
         if state == ws.committed_state:
             if final:
                 self._drop_write_session(ws)
+            else:
+                ws.closed_by_writers = True  # nothing new since the commit at a close
             return None
         if ws.nospace:
             key = self._key_of(ws)
@@ -380,6 +383,7 @@ class MountWrites(TreeOperations):
                 self._drop_write_session(ws)
             return None
         ws.committed_state = state
+        ws.closed_by_writers = not final
         ws.fd_is_blob = copy_id == ws.id
         if final:
             self.data.remove_staging(ws.id)  # its blob name stays (publish links it)
