@@ -57,7 +57,7 @@ def listed_twice(d: Path) -> list[str]:
 def test_pyfuse3_is_the_build_of_scripts_setup() -> None:
     # The listing cache and FLUSH-less reads need the patched pyfuse3; the mount still works
     # without them, so nothing else would notice a setup that installed the stock one.
-    assert importlib.metadata.version("pyfuse3").endswith("+artifactfs.3")
+    assert importlib.metadata.version("pyfuse3").endswith("+artifactfs.4")
     assert operations.OPEN_FLAGS
     assert passthrough.available()  # the second patch, built against libfuse 3.17
     assert shared_reads.PASSTHROUGH  # the third

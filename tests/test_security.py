@@ -97,6 +97,9 @@ def test_mount_is_private_to_the_user_who_mounted_it(open_base: Path) -> None:
         (m.path / "f.txt").write_bytes(b"secret")
         os.chmod(m.path / "f.txt", 0o644)
         assert "allow_other" not in mount_options(m.path)
+        # Setuid bits are metadata only (the kernel leaves clearing them on write to the
+        # daemon, operations.py enable_killpriv_v2): the mount must never honour them.
+        assert {"nosuid", "nodev"} <= mount_options(m.path)
         assert probe(m.path) == "list:EACCES stat:EACCES read:EACCES"
         # setpriv as a second, independent way in: the same answer.
         r = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",

@@ -27,7 +27,9 @@ def mount_options(store: ArtifactStore, *, allow_other: bool) -> set[str]:
     # the user which store is mounted, and `artifactfs umount` finds whose lock to wait for.
     source = os.fspath(store.data.root).replace("\\", "\\\\").replace(",", "\\,")
     options = set(pyfuse3.default_options)  # default_permissions: mode bits are enforced
-    options |= {f"fsname={source}", "subtype=artifactfs", "noatime"}
+    # nosuid, nodev: libfuse's defaults, stated because the mount relies on them (setuid bits
+    # are kept as metadata only; operations.py, enable_killpriv_v2).
+    options |= {f"fsname={source}", "subtype=artifactfs", "noatime", "nosuid", "nodev"}
     if allow_other:
         options.add("allow_other")
     return options
