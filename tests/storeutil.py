@@ -9,7 +9,7 @@ from typing import Any
 
 from artifactfs.store import ArtifactStore
 from artifactfs.store.metadata import Metadata
-from artifactfs.store.recovery import fsck
+from artifactfs.store.recovery import FsckReport, fsck
 from artifactfs.store.schema import ROOT_ID
 
 
@@ -112,18 +112,23 @@ def check_invariants(store: ArtifactStore) -> None:
     assert orphans == 0, "entries whose parent row is gone"
 
 
-def fsck_clean(data_dir: Path) -> None:
+def run_fsck(data_dir: Path, *, repair: bool = False) -> FsckReport:
     """fsck a data directory no daemon holds, as `artifactfs fsck` does (no recovery first,
-    which would hide damage; only the commit log's lines put in), and require it clean."""
+    which would hide damage; only the commit log's lines put in)."""
     store = ArtifactStore(data_dir)
     store.data.acquire()
     try:
         store.meta = Metadata(store.data.db_path)
         try:
             store.meta.replay_log(store.replay_logged)
-            report = fsck(store)
+            return fsck(store, repair=repair)
         finally:
             store.meta.close()
     finally:
         store.data.release()
+
+
+def fsck_clean(data_dir: Path) -> None:
+    """``run_fsck``, and require the data directory clean."""
+    report = run_fsck(data_dir)
     assert report.clean, report.problems

@@ -20,13 +20,12 @@ from pathlib import Path
 
 import pytest
 import trio
-from storeutil import all_artifacts, check_invariants, read, sha
+from storeutil import all_artifacts, check_invariants, read, run_fsck, sha
 
 from artifactfs import open_store
 from artifactfs.errors import NotFound
 from artifactfs.store import ArtifactStore, digests
 from artifactfs.store.metadata import Metadata
-from artifactfs.store.recovery import fsck
 from artifactfs.store.schema import ROOT_ID
 from artifactfs.store.tree import XATTR_SHA256
 
@@ -544,21 +543,6 @@ async def test_reboot_keeps_a_pending_row_that_was_fsynced(tmp_path: Path) -> No
 
 # --- 6: fsck ----------------------------------------------------------------------------------
 
-def run_fsck(data_dir: Path, *, repair: bool = False) -> object:
-    """fsck as `artifactfs fsck` runs it: the lock held, no recovery (storeutil.fsck_clean)."""
-    store = ArtifactStore(data_dir)
-    store.data.acquire()
-    try:
-        store.meta = Metadata(store.data.db_path)
-        try:
-            store.meta.replay_log(store.replay_logged)
-            return fsck(store, repair=repair)
-        finally:
-            store.meta.close()
-    finally:
-        store.data.release()
-
-
 async def test_fsck_does_not_call_a_pending_digest_damage_and_repair_fills_it(
         tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
@@ -569,11 +553,11 @@ async def test_fsck_does_not_call_a_pending_digest_damage_and_repair_fills_it(
     assert db_pending(data_dir) == [("p.bin", None)]
 
     report = run_fsck(data_dir)
-    assert report.clean, report.problems  # type: ignore[attr-defined]
+    assert report.clean, report.problems
     assert db_pending(data_dir) == [("p.bin", None)]  # a check alone changes nothing
 
     report = run_fsck(data_dir, repair=True)
-    assert report.clean, report.problems  # type: ignore[attr-defined]
+    assert report.clean, report.problems
     assert db_pending(data_dir) == [("p.bin", sha(data))]
 
 
@@ -589,8 +573,8 @@ async def test_fsck_reports_a_pending_row_whose_blob_has_the_wrong_length(
         f.truncate(len(data) // 2)
     for repair in (False, True):
         report = run_fsck(data_dir, repair=repair)
-        assert not report.clean  # type: ignore[attr-defined]
-        assert any("torn.bin" in p for p in report.problems)  # type: ignore[attr-defined]
+        assert not report.clean
+        assert any("torn.bin" in p for p in report.problems)
         assert db_pending(data_dir) == [("torn.bin", None)]  # no digest of torn bytes
 
 

@@ -6,7 +6,9 @@ on the trio thread through one connection (see ``docs/CONCURRENCY.md``).
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 
 SCHEMA_VERSION = 1
 ROOT_ID = 1
@@ -173,6 +175,18 @@ CREATE TABLE IF NOT EXISTS store_info (
 """
 
 
+@contextlib.contextmanager
+def _all_or_nothing(conn: sqlite3.Connection) -> Iterator[None]:
+    """A migration in one transaction: a crash midway must not half-do it."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
 def create_schema(conn: sqlite3.Connection, now_ns: int) -> list[tuple[int, str]]:
     """Create every table and the root directory if they are missing. Returns the (entry id,
     blob id) of rows a migration found not durable yet: the first flush must sync them."""
@@ -183,8 +197,7 @@ def create_schema(conn: sqlite3.Connection, now_ns: int) -> list[tuple[int, str]
         conn.execute("ALTER TABLE sessions ADD COLUMN durable_offset INTEGER NOT NULL DEFAULT 0")
     columns = {r[1] for r in conn.execute("PRAGMA table_info(entries)")}
     if "durable" in columns:  # made before epochs: durable was 1 (fsynced) or 0 (not yet)
-        conn.execute("BEGIN IMMEDIATE")  # all or nothing: a crash midway must not half-do it
-        try:
+        with _all_or_nothing(conn):
             conn.execute("ALTER TABLE entries ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0")
             # Rows still at 0 are above any 'durable_epoch' (none was written yet): start-up
             # after an unclean shutdown verifies them, as it did, and else the first flush
@@ -193,23 +206,14 @@ def create_schema(conn: sqlite3.Connection, now_ns: int) -> list[tuple[int, str]
                 "SELECT id, blob_id FROM entries WHERE durable = 0 AND blob_id IS NOT NULL")]
             conn.execute("UPDATE entries SET epoch = 1 WHERE durable = 0")
             conn.execute("ALTER TABLE entries DROP COLUMN durable")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
     if any(r[1] == "sha256" and r[3] for r in conn.execute("PRAGMA table_info(superseded)")):
         # Made before pending digests: sha256 was NOT NULL, which SQLite cannot relax in
         # place. The table is small (replaces not durable yet): copy it, in one transaction.
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _all_or_nothing(conn):
             conn.execute("ALTER TABLE superseded RENAME TO superseded_old")
             conn.execute("CREATE TABLE superseded " + _SUPERSEDED_COLUMNS)
             conn.execute("INSERT INTO superseded SELECT * FROM superseded_old")
             conn.execute("DROP TABLE superseded_old")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
     conn.execute(
         "INSERT OR IGNORE INTO entries (id, parent_id, name, key, kind, mode, mtime_ns, ctime_ns)"
         " VALUES (?, NULL, '', '', 'dir', ?, ?, ?)",
