@@ -477,13 +477,9 @@ class Operations(pyfuse3.Operations):
         read_only = flags & os.O_ACCMODE == os.O_RDONLY
         if not read_only and self.pt_writes.backs(inode):
             # The kernel writes this new file into its staging file (passthrough_writes.py).
-            h = FileHandle(inode=inode, entry_id=e.id, entry=e, writable=True)
-            backing_id = self.pt_writes.join(inode, e, flags, h)
-            if backing_id is not None:
-                # O_DIRECT: its reads and writes come to the daemon, which writes that file.
-                return pyfuse3.FileInfo(fh=self._add_handle(h), keep_cache=False,
-                                        direct_io=bool(flags & os.O_DIRECT),
-                                        backing_id=backing_id)
+            joined = self._join_staging_writer(inode, e, flags)
+            if joined is not None:
+                return joined
             if retry:
                 raise ArtifactError(f"{e.key} is written through its staging file, and its"
                                     " name moved to a new inode, which is too",
@@ -571,6 +567,18 @@ class Operations(pyfuse3.Operations):
                                     direct_io=bool(flags & os.O_DIRECT), backing_id=backing_id)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, noflush=True)
 
+    def _join_staging_writer(self, inode: int, e: Entry, flags: int) -> pyfuse3.FileInfo | None:
+        """A write-only open of an inode the kernel writes through a session's staging file
+        joins that session with the same backing file; None if it cannot (a reader-writer,
+        or the session is ending)."""
+        h = FileHandle(inode=inode, entry_id=e.id, entry=e, writable=True)
+        backing_id = self.pt_writes.join(inode, e, flags, h)
+        if backing_id is None:
+            return None
+        # O_DIRECT: its reads and writes come to the daemon, which writes that file.
+        return pyfuse3.FileInfo(fh=self._add_handle(h), keep_cache=False,
+                                direct_io=bool(flags & os.O_DIRECT), backing_id=backing_id)
+
     def _opened(self, h: FileHandle, flags: int) -> pyfuse3.FileInfo:
         # O_DIRECT through a backing file has the disk's alignment rules (EINVAL for a read of
         # 1000 bytes); the daemon has none, so it serves O_DIRECT opens, as it serves writers.
@@ -648,6 +656,13 @@ class Operations(pyfuse3.Operations):
             raise ArtifactError(f"inode {inode:#x} was replaced ("
                                 + ("version unknown" if retry else "the kernel will retry")
                                 + f", thread {pid})", errno=errno.ESTALE)
+        if flags & os.O_ACCMODE != os.O_RDONLY and self.pt_writes.backs(inode):
+            # That version is a file a writer writes through its staging file (the name was
+            # replaced while it wrote, and the kernel's retry found the old inode again before
+            # the invalidation): as on a disk, this writer opens that file, joining its session.
+            joined = self._join_staging_writer(inode, previous, flags)
+            if joined is not None:
+                return joined
         if flags & os.O_ACCMODE != os.O_RDONLY and self.backing.holds(inode):
             # Readers read this version through its blob (passthrough.py): a writer must not
             # share that file, and the kernel retries only once.
