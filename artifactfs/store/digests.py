@@ -44,25 +44,24 @@ class PendingDigests:
     def __init__(self, meta: Metadata, data: DataDir) -> None:
         self.meta = meta
         self.data = data
-        self._queue: OrderedDict[str, tuple[int, int]] = OrderedDict()  # blob -> (entry, size)
+        self._queue: OrderedDict[str, int] = OrderedDict()  # blob id -> entry id
         self._done: dict[str, trio.Event] = {}
         self._wakeup = trio.Event()
-        self._running = False
 
     def __len__(self) -> int:
         return len(self._queue)
 
-    def add(self, entry_id: int, blob_id: str, size: int) -> None:
+    def add(self, entry_id: int, blob_id: str) -> None:
         """Queue a version committed with a pending digest (after its transaction)."""
         if blob_id not in self._done:
-            self._queue[blob_id] = (entry_id, size)
+            self._queue[blob_id] = entry_id
             self._done[blob_id] = trio.Event()
             self._wakeup.set()
 
     def add_all(self, versions: Iterable[tuple[int, str]]) -> None:
-        """Queue what start-up found pending (sizes unknown: any size is hashed in a thread)."""
+        """Queue what start-up found pending."""
         for entry_id, blob_id in versions:
-            self.add(entry_id, blob_id, INLINE_HASH_BYTES + 1)
+            self.add(entry_id, blob_id)
 
     async def ready(self, e: Entry) -> Entry | None:
         """``e`` as it is once its digest is known: read again, since it may have been
@@ -73,7 +72,7 @@ class PendingDigests:
             if done is None:
                 # Not queued: recorded meanwhile (read the row again), or a row this process
                 # did not queue (none should be; hash it rather than wait for nothing).
-                self.add(e.id, blob_id, e.size)
+                self.add(e.id, blob_id)
                 done = self._done[blob_id]
             if blob_id in self._queue:
                 # Someone waits: hash it now, beside whatever the worker is hashing (a face
@@ -100,28 +99,24 @@ class PendingDigests:
         return out
 
     async def run(self) -> None:
-        """Hash the queued blobs, oldest first (a waited-for one first); runs until
-        cancelled. Rows still pending at shutdown are queued again at the next start."""
-        self._running = True
-        try:
-            while True:
-                if not self._queue:
-                    self._wakeup = trio.Event()
-                    await self._wakeup.wait()
-                    continue
-                await self._hash(next(iter(self._queue)))
-        finally:
-            self._running = False
+        """Hash the queued blobs, oldest first (a face hashes the one it waits for itself);
+        runs until cancelled. Rows still pending at shutdown are queued at the next start."""
+        while True:
+            if not self._queue:
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
+                continue
+            await self._hash(next(iter(self._queue)))
 
     async def _hash(self, blob_id: str) -> None:
-        entry_id, size = self._queue.pop(blob_id)
+        entry_id = self._queue.pop(blob_id)
         done = self._done[blob_id]
         try:
             e = self.meta.entry(entry_id)
             if e is None or e.blob_id != blob_id or e.sha256 is not None:
                 return  # replaced or deleted before its turn: nothing to record
             path = self.data.blob_path(blob_id)
-            if size <= INLINE_HASH_BYTES:
+            if e.size <= INLINE_HASH_BYTES:
                 found = sha256_of_path(path)
             else:
                 found = await trio.to_thread.run_sync(sha256_of_path, path,

@@ -433,7 +433,7 @@ class MountWrites(TreeOperations):
             self._doom(e.blob_id, replaced=True)
             ws.replaced = e
         if sha is None:
-            self.digests.add(e.id, blob_id, size)
+            self.digests.add(e.id, blob_id)
         log.info("committed %s (%d bytes, sha256 %s) from the mount", e.key, size,
                  sha[:12] if sha else "to follow")
         if durable and not self.sync:
