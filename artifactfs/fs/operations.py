@@ -301,6 +301,10 @@ class Operations(pyfuse3.Operations):
                           " kernel will retry, thread %d)", inode, ctx.pid)
                 raise pyfuse3.FUSEError(errno.ESTALE)  # not the unlinked-while-open answer
             e = await self.store.truncate(entry_id, attr.st_size)
+            if self.store.active_write(entry_id) is None:
+                # No session was open: the truncate committed a version of its own, which the
+                # inode's handles read from now on (they share the kernel's pages of it).
+                self._follow_new_version(None, e)
         if fields.update_mode or fields.update_uid or fields.update_gid or fields.update_mtime:
             # One of these arrives before every written file closes (the writeback cache's
             # mtime): each query saved here counts (PLATFORM.md: ~50 us per request).
@@ -791,13 +795,16 @@ class Operations(pyfuse3.Operations):
             self.cache.queue(Invalidation("name", self.inodes.inode(committed.parent_id or 0),
                                           committed.name, old))
 
-    def _follow_new_version(self, writer: FileHandle, e: Entry) -> None:
-        """Readers of an inode rewritten through the mount read the new version (the page
-        cache they share already holds it)."""
-        for other in self._by_inode.get(writer.inode, ()):
+    def _follow_new_version(self, writer: FileHandle | None, e: Entry) -> None:
+        """The handles of an inode rewritten through the mount (by ``writer``, or by a
+        truncate) read the new version: the kernel's pages of the inode, which they share,
+        hold it, and a page read from an older version would bring back bytes the new one
+        cut (past its end, where the kernel expects zeros)."""
+        inode = self.inodes.inode(e.id)
+        for other in self._by_inode.get(inode, ()):
             other.entry = e
             if other is not writer and other.ws is None and other.fd is not None:
-                old, other.fd = other.fd, self.store.open_read(writer.entry_id)
+                old, other.fd = other.fd, self.store.open_read(e.id)
                 os.close(old)
 
     # --- extended attributes ---------------------------------------------------------------
