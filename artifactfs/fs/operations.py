@@ -479,6 +479,16 @@ class Operations(pyfuse3.Operations):
                 raise
             return await self._open_replaced(inode, flags, ctx.pid, retry)
         read_only = flags & os.O_ACCMODE == os.O_RDONLY
+        if (not read_only and not retry and self.pt_writes.backs(inode)
+                and self._readers_keep_version(inode)
+                and self.store.detach_closed_write(e.id)):
+            # Its writers closed it (their RELEASE still to come) and readers opened it since:
+            # they keep the version committed at that close, whose session ends here; the
+            # name moves to a new inode, where this writer starts a session of its own.
+            self._move_name(e)
+            self.replaced.refused(ctx.pid)
+            raise ArtifactError(f"{e.key} has readers: its name moved to a new inode (the"
+                                f" kernel will retry, thread {ctx.pid})", errno=errno.ESTALE)
         if not read_only and self.pt_writes.backs(inode):
             # The kernel writes this new file into its staging file (passthrough_writes.py).
             joined = self._join_staging_writer(inode, e, flags)
@@ -630,7 +640,8 @@ class Operations(pyfuse3.Operations):
         version they opened (DESIGN §2, §3); readers that opened while a writer had the file
         open read the writer's bytes, and a second writer joins the first's session."""
         handles = self._by_inode.get(inode, ())
-        return bool(handles) and not any(h.writable for h in handles)
+        return (any(not h.writable for h in handles)
+                and not any(h.writing for h in handles))
 
     def _move_name(self, e: Entry) -> None:
         """Give ``e``'s name a new inode number, leaving the kernel's readers of the old one
@@ -687,7 +698,7 @@ class Operations(pyfuse3.Operations):
         if h.ws is not None:
             return h.ws.fd
         ws = self.store.active_write(h.entry_id)
-        if ws is not None and self.inodes.is_current(h.inode):
+        if ws is not None and ws.being_written and self.inodes.is_current(h.inode):
             return ws.fd  # being rewritten through the mount: read what the writer wrote
         if h.fd is None:
             h.fd = self.store.open_read(h.entry_id)
@@ -701,6 +712,7 @@ class Operations(pyfuse3.Operations):
     @translated
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self._handles[fh]
+        h.flushed = False
         if h.ws is None:
             # The first write of a handle opened without O_TRUNC, or one written again after
             # its commit at flush (a dup'd fd, a shared mapping).
@@ -721,6 +733,9 @@ class Operations(pyfuse3.Operations):
                 await self._snapshot(h)
             else:
                 await self._commit(h)
+        # Committed (or nothing written): its RELEASE may come after a reader or a writer has
+        # opened the file anew, which must find it closed (``_readers_keep_version``).
+        h.flushed = h.writable and (h.ws is None or h.ws.closed_by_writers)
 
     @translated
     async def fsync(self, fh: int, datasync: bool) -> None:
