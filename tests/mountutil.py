@@ -96,7 +96,8 @@ class Mount:
 
 
 def start_daemon(mount_point: Path, data_dir: Path, log_path: Path, *extra: str,
-                 http: bool = True) -> tuple[subprocess.Popen[bytes], str]:
+                 http: bool = True, env: dict[str, str] | None = None
+                 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start the foreground daemon; returns it and its readiness line ('ready URL' or why not)."""
     port = free_port()
     # ARTIFACTFS_TEST_DEBUG=1 logs every request the daemon refuses (daemon.log in the tmp dir).
@@ -109,7 +110,7 @@ def start_daemon(mount_point: Path, data_dir: Path, log_path: Path, *extra: str,
     if http:
         argv += ["--http", f"127.0.0.1:{port}"]
     r, w = os.pipe()
-    env = dict(os.environ, ARTIFACTFS_READY_FD=str(w))
+    env = dict(os.environ, **(env or {}), ARTIFACTFS_READY_FD=str(w))
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
                                 stderr=subprocess.STDOUT, pass_fds=(w,), env=env)
@@ -171,11 +172,14 @@ def check_can_mount() -> None:
 
 
 @contextlib.contextmanager
-def mounted(base: Path, *extra: str, http: bool = True) -> Iterator[Mount]:
+def mounted(base: Path, *extra: str, http: bool = True,
+            env: dict[str, str] | None = None) -> Iterator[Mount]:
+    """A mount of a fresh data directory under ``base``; ``env`` is added to the daemon's
+    environment."""
     check_can_mount()
     mount_point, data_dir, log_path = base / "mnt", base / "data", base / "daemon.log"
     mount_point.mkdir(parents=True, exist_ok=True)
-    proc, line = start_daemon(mount_point, data_dir, log_path, *extra, http=http)
+    proc, line = start_daemon(mount_point, data_dir, log_path, *extra, http=http, env=env)
     if not line.startswith("ready"):
         unmount(mount_point, proc)
         cannot_mount(f"the daemon said {line!r}; log:\n{log_path.read_text(errors='replace')}")
@@ -197,6 +201,27 @@ def mount_fixture(*extra: str) -> object:
     @pytest.fixture(scope="module", name="mount")
     def fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
         with mounted(tmp_path_factory.mktemp("mount"), *extra) as m:
+            yield m
+
+    return fixture
+
+
+# The mount's modes, by the options that choose them: passthrough reads and writes (the
+# default), passthrough reads only, and everything served by the daemon with the writeback
+# cache. Their code paths differ most where files are reopened and rewritten.
+MODES = {
+    "passthrough": (),
+    "no-passthrough-writes": ("--no-passthrough-writes",),
+    "no-passthrough": ("--no-passthrough",),
+}
+
+
+def modes_mount_fixture(env: dict[str, str] | None = None, name: str = "mount") -> object:
+    """The module's mount, once in each of ``MODES`` (the tests run once per mode)."""
+    @pytest.fixture(scope="module", name=name, params=list(MODES))
+    def fixture(tmp_path_factory: pytest.TempPathFactory,
+                request: pytest.FixtureRequest) -> Iterator[Mount]:
+        with mounted(tmp_path_factory.mktemp("mount"), *MODES[request.param], env=env) as m:
             yield m
 
     return fixture

@@ -103,17 +103,25 @@ def describe(op: Op) -> str:
 class RandomIO:
     """The exerciser over ``mnt`` (a directory in the mount) and ``disk`` (the reference)."""
 
-    def __init__(self, mnt: Path, disk: Path, *, reopen_every: int = 20,
-                 log: Callable[[str], None] | None = None) -> None:
+    def __init__(self, mnt: Path, disk: Path, *, names: Callable[[], list[str]] | None = None,
+                 others: Callable[[], list[tuple[int, bool]]] | None = None,
+                 reopen_every: int = 20, log: Callable[[str], None] | None = None) -> None:
+        """``names`` gives the paths (relative to both roots) operations may open, and
+        ``others`` the descriptors held on the disk's files by someone else, as (fd,
+        writable), for the readers' rule; by default the exerciser makes ``NAMES`` empty
+        files and is alone."""
         self.mnt, self.disk = mnt, disk
+        self.names = names or (lambda: list(NAMES))
+        self.others = others or list
         self.reopen_every = reopen_every
         self.fds: dict[int, Descriptor] = {}
         self.done: list[Op] = []
         self.log = log
-        for root in (mnt, disk):
-            root.mkdir(parents=True, exist_ok=True)
-            for name in NAMES:
-                (root / name).write_bytes(b"")
+        if names is None:
+            for root in (mnt, disk):
+                root.mkdir(parents=True, exist_ok=True)
+                for name in NAMES:
+                    (root / name).write_bytes(b"")
 
     # --- running ---------------------------------------------------------------------------
 
@@ -141,6 +149,8 @@ class RandomIO:
         """Run one operation on both trees; one that names a slot not open is skipped (a
         shrunk sequence may have lost the open)."""
         kind, *args = op
+        if kind == "stat" and not args[0]:
+            return
         if kind not in ("open", "stat") and args[0] not in self.fds:
             return
         if kind == "copy" and args[1] not in self.fds:
@@ -159,7 +169,10 @@ class RandomIO:
         if not self.fds or rng.random() < 1 / self.reopen_every:
             if self.fds and (not free or rng.random() < 0.5):
                 return ("close", rng.choice(sorted(self.fds)))
-            return ("open", rng.choice(free), rng.choice(NAMES), rng.choice(OPEN_FLAGS))
+            names = self.names()
+            if not names:
+                return ("stat", "")
+            return ("open", rng.choice(free), rng.choice(names), rng.choice(OPEN_FLAGS))
         slot = rng.choice(sorted(self.fds))
         d = self.fds[slot]
         kind = rng.choices(list(FD_OPS), weights=list(FD_OPS.values()))[0]
@@ -193,18 +206,8 @@ class RandomIO:
     def _keep_readers_version(self, name: str) -> None:
         """Before a writable open or a truncate by name: where only readers hold the file,
         the mount gives the name a new inode; on the disk, a copy renamed over the file."""
-        path = self.disk / name
-        try:
-            st_ = os.stat(path)
-        except FileNotFoundError:
-            return
-        holders = [d for d in self.fds.values() if os.fstat(d.disk).st_ino == st_.st_ino]
-        if not holders or any(d.writable for d in holders):
-            return
-        tmp = path.with_name(name + ".moved")
-        shutil.copyfile(path, tmp)
-        os.chmod(tmp, stat.S_IMODE(st_.st_mode))
-        os.rename(tmp, path)
+        held = [(d.disk, d.writable) for d in self.fds.values()] + self.others()
+        keep_readers_version(self.disk / name, held)
 
     # --- operations ------------------------------------------------------------------------
 
@@ -316,6 +319,29 @@ class RandomIO:
     def do_stat(self, name: str) -> None:
         self.same(lambda: os.stat(self.mnt / name).st_size,
                   lambda: os.stat(self.disk / name).st_size)
+
+
+def keep_readers_version(path: Path, held: list[tuple[int, bool]]) -> None:
+    """The mount's rule that a disk lacks (docs/SEMANTICS.md, Overwriting), played on the
+    disk: before the file at ``path`` is opened for writing or truncated, if descriptors
+    ``held`` (fd, writable) have it open for reading and none for writing, it moves to a
+    new inode (a copy renamed over it), so that those readers keep the version they
+    opened."""
+    try:
+        st_ = os.stat(path)
+    except OSError:
+        return
+    if not stat.S_ISREG(st_.st_mode):
+        return
+    on_it = [writable for fd, writable in held if os.fstat(fd).st_ino == st_.st_ino]
+    if not on_it or any(on_it):
+        return
+    real = path.resolve()
+    tmp = real.with_name(real.name + ".moved")
+    shutil.copyfile(real, tmp)
+    os.chown(tmp, st_.st_uid, st_.st_gid)
+    os.chmod(tmp, stat.S_IMODE(st_.st_mode))
+    os.rename(tmp, real)
 
 
 def _offset(rng: random.Random, size: int) -> int:

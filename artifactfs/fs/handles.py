@@ -30,16 +30,7 @@ class FileHandle:
     detached: bool = False
     # Answered with passthrough: the kernel reads (or maps) the backing file, not the daemon.
     passthrough: bool = False
-    # A writable handle whose descriptor was closed (FLUSH) with nothing of its own left to
-    # commit, and that has not written since: the kernel's RELEASE comes after close(2) has
-    # returned, so until a write says otherwise it is closed for every rule about writers.
-    flushed: bool = False
     lock: trio.Lock = field(default_factory=trio.Lock)
-
-    @property
-    def writing(self) -> bool:
-        """Open for writing as far as the program that opened it can tell."""
-        return self.writable and not self.flushed
 
 
 @dataclass(eq=False)

@@ -68,6 +68,10 @@ log = logging.getLogger("artifactfs.fs")
 # Entries per store query while listing a directory: one query per batch (PLATFORM.md).
 READDIR_BATCH = 512
 
+# Seconds every RELEASE waits before its commit. Zero but in tests: they set it to hold a
+# close's RELEASE back while other opens run, as a busy daemon may (tests/test_races.py).
+RELEASE_DELAY = float(os.environ.get("ARTIFACTFS_RELEASE_DELAY", "0"))
+
 # pyfuse3 as built by scripts/setup (patches/) can set FOPEN_CACHE_DIR and FOPEN_NOFLUSH in
 # open replies; a stock pyfuse3 cannot, and the mount then works as before, only slower.
 OPEN_FLAGS = hasattr(pyfuse3.FileInfo, "cache_readdir") and hasattr(pyfuse3.FileInfo, "noflush")
@@ -479,16 +483,6 @@ class Operations(pyfuse3.Operations):
                 raise
             return await self._open_replaced(inode, flags, ctx.pid, retry)
         read_only = flags & os.O_ACCMODE == os.O_RDONLY
-        if (not read_only and not retry and self.pt_writes.backs(inode)
-                and self._readers_keep_version(inode)
-                and self.store.detach_closed_write(e.id)):
-            # Its writers closed it (their RELEASE still to come) and readers opened it since:
-            # they keep the version committed at that close, whose session ends here; the
-            # name moves to a new inode, where this writer starts a session of its own.
-            self._move_name(e)
-            self.replaced.refused(ctx.pid)
-            raise ArtifactError(f"{e.key} has readers: its name moved to a new inode (the"
-                                f" kernel will retry, thread {ctx.pid})", errno=errno.ESTALE)
         if not read_only and self.pt_writes.backs(inode):
             # The kernel writes this new file into its staging file (passthrough_writes.py).
             joined = self._join_staging_writer(inode, e, flags)
@@ -640,8 +634,7 @@ class Operations(pyfuse3.Operations):
         version they opened (DESIGN §2, §3); readers that opened while a writer had the file
         open read the writer's bytes, and a second writer joins the first's session."""
         handles = self._by_inode.get(inode, ())
-        return (any(not h.writable for h in handles)
-                and not any(h.writing for h in handles))
+        return bool(handles) and not any(h.writable for h in handles)
 
     def _move_name(self, e: Entry) -> None:
         """Give ``e``'s name a new inode number, leaving the kernel's readers of the old one
@@ -712,7 +705,6 @@ class Operations(pyfuse3.Operations):
     @translated
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self._handles[fh]
-        h.flushed = False
         if h.ws is None:
             # The first write of a handle opened without O_TRUNC, or one written again after
             # its commit at flush (a dup'd fd, a shared mapping).
@@ -733,9 +725,6 @@ class Operations(pyfuse3.Operations):
                 await self._snapshot(h)
             else:
                 await self._commit(h)
-        # Committed (or nothing written): its RELEASE may come after a reader or a writer has
-        # opened the file anew, which must find it closed (``_readers_keep_version``).
-        h.flushed = h.writable and (h.ws is None or h.ws.closed_by_writers)
 
     @translated
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -746,12 +735,21 @@ class Operations(pyfuse3.Operations):
     @translated
     async def release(self, fh: int) -> None:
         h = self._handles.pop(fh)
+        # Before any await: the kernel sent this RELEASE after close(2) returned, and the
+        # opens that follow (a reader, then a writer) must find the file closed while the
+        # commit below runs (a reader keeps the version it opened after the close).
+        self._unlist_handle(h)
         if h.passthrough:
             self.backing.release(h.inode)
             self.pt_writes.released(h.inode)
+        ws, h.ws = h.ws, None
         try:
-            if h.ws is not None:
-                await self._commit(h)
+            last = ws is not None and self.store.leave_write(ws)
+            if RELEASE_DELAY:
+                await trio.sleep(RELEASE_DELAY)
+            if last:
+                assert ws is not None
+                self._after_commit(h, await self.store.commit_write(ws), ws)
         finally:
             self._forget_handle(h)
 
@@ -763,12 +761,15 @@ class Operations(pyfuse3.Operations):
             self.backing.release(h.inode)
         self._forget_handle(h)
 
-    def _forget_handle(self, h: FileHandle) -> None:
+    def _unlist_handle(self, h: FileHandle) -> None:
         handles = self._by_inode.get(h.inode)
         if handles is not None:
             handles.discard(h)
             if not handles:
                 del self._by_inode[h.inode]
+
+    def _forget_handle(self, h: FileHandle) -> None:
+        self._unlist_handle(h)
         if h.fd is not None:
             os.close(h.fd)
             h.fd = None

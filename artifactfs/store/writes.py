@@ -38,7 +38,7 @@ class MountWrites(TreeOperations):
     async def truncate(self, entry_id: int, size: int) -> Entry:
         """Set a file's length: in its open write session, or through a new one."""
         validate_size(size)
-        ws = self._live_write(entry_id)
+        ws = self._writes.get(entry_id)
         if ws is not None and not ws.committing:
             if not ws.ready.is_set():
                 await ws.ready.wait()
@@ -111,7 +111,7 @@ class MountWrites(TreeOperations):
         so a missing entry is that file).
         """
         while True:
-            ws = self._live_write(entry_id)
+            ws = self._writes.get(entry_id)
             if ws is None:
                 break
             if ws.committing:
@@ -171,31 +171,6 @@ class MountWrites(TreeOperations):
             self._ftruncate(ws, 0)
         ws.writers += 1
         ws.closed_by_writers = False
-        return True
-
-    def _live_write(self, entry_id: int) -> WriteSession | None:
-        """The entry's session for a new writer to join, if a writer still writes it: a
-        session its writers all closed ends here (``detach_closed_write``), so that what the
-        new writer does commits at its own close, and never reaches a reader that opened the
-        committed version since."""
-        ws = self._writes.get(entry_id)
-        if ws is not None and not ws.being_written and self.detach_closed_write(entry_id):
-            return None
-        return ws
-
-    def detach_closed_write(self, entry_id: int) -> bool:
-        """End the entry's passthrough session as its session if every writer closed it and
-        nothing was written since the commit made at that close: the kernel's RELEASE of
-        those writers is still to come, but a new writer must start a session of its own
-        (readers opened since keep the committed version, which the staging file holds).
-        The detached session never commits again; its RELEASE drops it. False otherwise
-        (a writer is still writing it, as far as the store can tell)."""
-        ws = self._writes.get(entry_id)
-        if (ws is None or not ws.passthrough or not ws.closed_by_writers or ws.committing
-                or settled_state(ws.fd) != ws.committed_state):
-            return False
-        ws.detached = True
-        del self._writes[entry_id]
         return True
 
     def _fail_open(self, ws: WriteSession, exc: BaseException) -> None:
@@ -318,10 +293,22 @@ class MountWrites(TreeOperations):
 
     async def release_write(self, ws: WriteSession) -> Entry | None:
         """One writable handle closed; the last one commits the file as an artifact."""
+        if not self.leave_write(ws):
+            return None
+        return await self.commit_write(ws)
+
+    def leave_write(self, ws: WriteSession) -> bool:
+        """One writable handle closed: True if it was the last, and the session now commits
+        (``commit_write``, which the caller must await). Never awaits, so that the requests
+        that follow find the session as this close left it: committing, not to be joined."""
         ws.writers -= 1
         if ws.writers > 0:
-            return None
+            return False
         ws.committing = True
+        return True
+
+    async def commit_write(self, ws: WriteSession) -> Entry | None:
+        """Commit a session its last writer left (``leave_write``)."""
         try:
             return await self._commit_write(ws)
         except Exception:
@@ -543,7 +530,7 @@ class MountWrites(TreeOperations):
     def open_read(self, entry_id: int) -> int:
         """A read-only fd on what a new opener should see: the writer's bytes while the file
         is open for writing (as on a disk), else the committed blob (also once its writers
-        closed it, their RELEASE still to come). The caller closes it."""
+        closed it and only their RELEASE is still to come). The caller closes it."""
         ws = self._writes.get(entry_id)
         if ws is not None and ws.being_written:
             try:
