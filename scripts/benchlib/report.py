@@ -65,16 +65,23 @@ def _fmt(x: float) -> str:
     return f"{x:.2f}"
 
 
+def _load1(load: str) -> str:
+    """The one-minute figure of a "1m 5m 15m" load average."""
+    return load.split()[0] if load else "?"
+
+
 def _cell(m: Metric, s: dict | None, fs: str) -> str:
+    """artifactfs and native with min–max; a peer by its median (the JSON has the rest)."""
     if s is None:
         return "—"
+    spread = fs in ("native", "artifactfs")
     if m.kind == "ratio" and fs != "native":
         if "ratio" not in s:
             return f"{_fmt(s['median'])} {m.unit}"
         r = s["ratio"]
-        return f"**{r['median']:.2f}x** ({r['min']:.2f}–{r['max']:.2f})"
+        return f"{r['median']:.2f}x" + (f" ({r['min']:.2f}–{r['max']:.2f})" if spread else "")
     if m.kind == "self":
-        return f"{s['median']:.2f}x ({s['min']:.2f}–{s['max']:.2f})"
+        return f"{s['median']:.2f}x" + (f" ({s['min']:.2f}–{s['max']:.2f})" if spread else "")
     return f"{_fmt(s['median'])} ({_fmt(s['min'])}–{_fmt(s['max'])}) {m.unit}"
 
 
@@ -83,12 +90,11 @@ def markdown(result: dict) -> str:
     fses = [f for f in ORDER if f in result["filesystems"]]
     lines = []
     meta = result["meta"]
-    lines.append(f"Run of {meta['finished']} ({meta['profile']}: {meta['sizes_text']};"
-                 f" {meta['reps']} repetitions; git {meta['git']}; load average"
-                 f" {meta['load_before']} before, {meta['load_after']} after; took"
-                 f" {meta['seconds']:.0f} s). Cells are the median ratio to native over"
-                 " repetitions, each repetition's ratio taken against native in the same"
-                 " repetition, with min–max; native is absolute (median, min–max).")
+    lines.append(f"{meta['profile'].capitalize()} run of {meta['finished'][:10]}, git {meta['git']}:"
+                 f" {meta['sizes_text']}; {meta['reps']} repetitions; load average"
+                 f" {_load1(meta['load_before'])} before, {_load1(meta['load_after'])} after."
+                 " Cells: median ratio to native (min–max for artifactfs); native: median"
+                 " (min–max).")
     lines.append("")
     head = ["workload", *fses, "target (artifactfs)", "met"]
     lines.append("| " + " | ".join(head) + " |")
@@ -132,8 +138,15 @@ def write_json(result: dict, path: Path) -> None:
     path.write_text(json.dumps(result, indent=1, sort_keys=False) + "\n")
 
 
+SECTION_TITLES = {"full": "Results: full run", "quick": "Results: quick run (`--quick`)"}
+
+
 def update_performance_md(doc: Path, profile: str, body: str) -> None:
-    """Replace only this profile's generated block; everything else in the file is kept."""
+    """Replace only this profile's generated block; everything else in the file is kept.
+
+    A document without the block gets it as a section of its own, ahead of the first section
+    that is not a result (results come first, the full run before the quick one).
+    """
     begin, end = f"<!-- bench:{profile}:begin -->", f"<!-- bench:{profile}:end -->"
     block = (f"{begin}\n<!-- written by scripts/bench{' --quick' if profile == 'quick' else ''};"
              f" edits inside this block are overwritten -->\n{body}\n{end}")
@@ -142,9 +155,16 @@ def update_performance_md(doc: Path, profile: str, body: str) -> None:
         text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text,
                       flags=re.S)
     else:
-        title = "Full run" if profile == "full" else "Quick run (`--quick`, smaller sizes)"
-        text = text.rstrip("\n") + f"\n\n## Benchmark results: {title}\n\n{block}\n"
-    doc.write_text(text)
+        section = f"## {SECTION_TITLES[profile]}\n\n{block}\n\n"
+        full_end = "<!-- bench:full:end -->"
+        if profile == "quick" and full_end in text:
+            at = text.index(full_end) + len(full_end)
+            text = text[:at] + "\n\n" + section.rstrip("\n") + text[at:]
+        else:
+            first = re.search(r"^## (?!Results)", text, flags=re.M)
+            at = first.start() if first else len(text)
+            text = text[:at].rstrip("\n") + "\n\n" + section + text[at:]
+    doc.write_text(text.rstrip("\n") + "\n")
 
 
 def chart(result: dict, path: Path) -> None:
