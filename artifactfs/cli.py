@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                         " commit at close copies the file (the default where the data"
                         " directory's file system has multigrain timestamps: Linux >= 6.13 on"
                         " ext4, xfs, btrfs or tmpfs); --no-passthrough-writes: the daemon"
-                        " receives every write (docs/PERFORMANCE.md)")
+                        " receives every write (docs/PERFORMANCE.md, Known weak spots)")
 
     p = sub.add_parser("umount", help="unmount a mount point")
     p.add_argument("mountpoint", type=Path)

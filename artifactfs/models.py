@@ -1,4 +1,4 @@
-"""The seed's pydantic models, field for field, and the rules for keys and mime types.
+"""The Artifacts API's pydantic models, field for field, and the rules for keys and mime types.
 
 The key rules live here and only here (DESIGN §1); every face calls :func:`validate_key` or
 :func:`validate_name` through the service.
@@ -59,7 +59,7 @@ class BulkDeleteRequest(BaseModel):
 
 
 class CreateUploadSessionRequest(BaseModel):
-    """Body of ``POST /v1/artifacts`` (the seed passes these as the method's arguments)."""
+    """Body of ``POST /v1/artifacts`` (the API proposal passes these as the method's arguments)."""
 
     key: str
     mime_type: str

@@ -22,7 +22,7 @@ INIT_WAIT = 10.0
 
 
 def mount_options(store: ArtifactStore, *, allow_other: bool) -> set[str]:
-    """Mount-level options only: PLATFORM.md lists what pyfuse3 refuses (max_write ...)."""
+    """Mount-level options only (docs/PLATFORM.md, Mount options: pyfuse3 refuses the rest)."""
     # The data directory as the source (as sshfs shows user@host:path): `mount` and `df` tell
     # the user which store is mounted, and `artifactfs umount` finds whose lock to wait for.
     source = os.fspath(store.data.root).replace("\\", "\\\\").replace(",", "\\,")

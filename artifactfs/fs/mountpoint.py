@@ -19,7 +19,8 @@ from pathlib import Path
 log = logging.getLogger("artifactfs.mount")
 
 FSTYPE = "fuse.artifactfs"
-# PLATFORM.md: READ requests grow from 128 KiB to 1 MiB, +30-60% on reads the daemon serves.
+# READ requests grow from 128 KiB to 1 MiB: fewer requests per byte the daemon serves
+# (docs/PLATFORM.md, Request sizes and read-ahead).
 READ_AHEAD_KB = 1024
 
 

@@ -6,7 +6,7 @@ lives here is the state of open files (file handles) that only the mount has.
 
 Open files: a read handle holds an fd on what the file was when it was opened (open_read);
 a writable handle shares its inode's ``WriteSession`` and writes into its staging file with
-``os.pwrite`` inline (PLATFORM.md: a thread hop per request costs more than it saves). Large
+``os.pwrite`` inline (a thread hop per request costs more than it saves: docs/PLATFORM.md). Large
 READs are answered from a mapping of the file, not a copy (reading.py). Read-only opens of a
 plain committed artifact share one read handle per inode, and after the first the patched
 pyfuse3 answers their OPEN and RELEASE itself (shared_reads.py says when it must not).
@@ -65,7 +65,7 @@ from .translate import translated
 
 log = logging.getLogger("artifactfs.fs")
 
-# Entries per store query while listing a directory: one query per batch (PLATFORM.md).
+# Entries per store query while listing a directory: one query per batch (docs/PLATFORM.md).
 READDIR_BATCH = 512
 
 # Seconds every RELEASE waits before its commit. Zero but in tests: they set it to hold a
@@ -79,12 +79,12 @@ OPEN_FLAGS = hasattr(pyfuse3.FileInfo, "cache_readdir") and hasattr(pyfuse3.File
 class Operations(pyfuse3.Operations):
     """The mount's request handlers (see the module docstring for open-file semantics)."""
 
-    # PLATFORM.md: cp into the mount 0.47 -> ~0.8 GB/s; the kernel may then read from files
+    # docs/PLATFORM.md, The writeback cache: larger WRITEs, faster cp; the kernel may read files
     # opened write-only and turns O_APPEND into positioned writes (staging files are O_RDWR).
     # Not asked for when passthrough is (the kernel refuses the two together; passthrough.py).
     enable_writeback_cache = True
     # The kernel otherwise asks for security.capability (a GETXATTR round trip) before every
-    # write(2), passthrough writes included: ~0.17 s per GiB of `dd bs=1M` (PERFORMANCE.md).
+    # write(2), passthrough writes included (docs/PLATFORM.md, Extended attributes).
     # In exchange the file system clears setuid/setgid on writes itself; the mount is nosuid
     # (mount.py, mount_options), so those bits mean nothing here and are kept as set.
     enable_killpriv_v2 = True
@@ -311,7 +311,7 @@ class Operations(pyfuse3.Operations):
                 self._follow_new_version(None, e)
         if fields.update_mode or fields.update_uid or fields.update_gid or fields.update_mtime:
             # One of these arrives before every written file closes (the writeback cache's
-            # mtime): each query saved here counts (PLATFORM.md: ~50 us per request).
+            # mtime): each query saved here counts (docs/PLATFORM.md, The cost of a request).
             e = self.store.set_attrs(
                 entry_id,
                 mode=attr.st_mode if fields.update_mode else None,

@@ -3,8 +3,8 @@
 With passthrough (Linux >= 6.9, libfuse >= 3.16, the patched pyfuse3 of scripts/setup, and
 CAP_SYS_ADMIN), an open reply may name a *backing file*; the kernel then serves read(2), mmap
 and splice of that open file from it, at the native file system's speed, without a READ request
-or a second page cache (docs/PERFORMANCE.md). What Linux 6.18 requires, measured here and read
-in fs/fuse/iomode.c and inode.c:
+or a second page cache (docs/PERFORMANCE.md). What Linux requires (docs/PLATFORM.md, FUSE
+passthrough; fs/fuse/iomode.c and inode.c):
 
 - No writeback cache on the connection: the kernel does not enable passthrough when INIT asks
   for both (the backing-file ioctl then fails with EPERM), so a passthrough mount sends every

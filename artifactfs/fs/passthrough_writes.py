@@ -3,12 +3,12 @@
 On by default (``artifactfs mount --no-passthrough-writes`` turns it off) where passthrough is
 on and the data directory's file system gives every change a new ctime (below): the bytes of
 ``cp``, ``dd`` and a shell's ``>`` then go from the kernel to ext4 without a request to the
-daemon, which otherwise spends ~1.2 s of CPU per GiB receiving, writing and hashing them
-(docs/PERFORMANCE.md, "Passthrough for writers"). The daemon sees no write, so the commit at
+daemon, which otherwise spends about a second of CPU per GiB receiving, writing and hashing
+them (docs/PERFORMANCE.md, "Known weak spots"). The daemon sees no write, so the commit at
 close copies the staging file (store/snapshot.py says why it must, and how it knows the copy
 is still the file's content) and the digest is computed from that copy after the commit
-(store/digests.py); the last RELEASE needs no copy. Costs: the copy (in the kernel, ~3.5 GB/s
-here), a file's pages written back twice if it stays dirty long enough, and the kernel's
+(store/digests.py); the last RELEASE needs no copy. Costs: the copy (in the kernel, page cache to
+page cache), a file's pages written back twice if it stays dirty long enough, and the kernel's
 writes are not held to the metadata's space reserve (the commit is).
 
 A file created for writing only (``O_WRONLY``: ``cp``, ``dd``, shell redirections, Python's

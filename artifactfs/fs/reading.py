@@ -1,10 +1,10 @@
 """The bytes of a READ reply, without copying them through the daemon.
 
-A READ the daemon serves used to cost two copies of every byte on one Python thread: ``pread``
+A READ answered with ``pread`` costs two copies of every byte on one Python thread: ``pread``
 into a fresh ``bytes``, then pyfuse3's reply (``writev`` to /dev/fuse) into the mount's page
-cache. On this VM the first copy was the dear one after a cache drop: a fresh 1 MiB buffer is
-memory the host has reclaimed (free page reporting), and touching it costs a host fault per
-page (docs/PERFORMANCE.md, "Where the daemon's time goes"). So a large READ is answered with a
+cache. On a VM the first copy is the dear one after a cache drop: a fresh 1 MiB buffer is
+memory the host may have reclaimed (free page reporting), and touching it costs a host fault
+per page (docs/PLATFORM.md, Virtual machines). So a large READ is answered with a
 read-only mapping of the file's range instead: the kernel copies straight from the file's page
 cache into the reply, and nothing is allocated per byte.
 
@@ -23,7 +23,7 @@ Why this is safe:
 
 Small READs (small files, the tail of a file) take ``pread``: mapping costs more than copying a
 few pages. So does a range not yet in the page cache (a cold read): ``pread`` keeps the fd's
-sequential read-ahead ahead of the reader, which faulting a mapping in did not.
+sequential read-ahead ahead of the reader, which faulting a mapping in does not.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ import errno
 import mmap
 import os
 
-# From this many bytes on, a READ is answered from a mapping. Measured here on a cached file:
-# mmap (MAP_POPULATE) + munmap 7-13 us up to 128 KiB, 23 us for 1 MiB; pread 2.5 us for
-# 16 KiB, 7-8 us for 64-128 KiB, 110-130 us for 1 MiB (~2 ms when the fresh buffer's pages
-# fault in after a cache drop).
+# From this many bytes on, a READ is answered from a mapping. Of a cached file, mapping
+# (MAP_POPULATE) and unmapping a range costs a fixed few microseconds, so it loses to a
+# pread of a few pages and wins once pread's copy into a fresh buffer grows past that
+# (re-measure by timing both on a cached file at 16 KiB to 1 MiB).
 MAP_MIN_BYTES = 128 << 10
 _PAGE_MASK = ~(mmap.ALLOCATIONGRANULARITY - 1)
 

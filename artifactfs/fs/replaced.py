@@ -6,7 +6,7 @@ it in the mount), that inode is an older version (inodes.py) or its entry is gon
 be opened as what the name holds now. The daemon answers ESTALE, and the kernel walks the path
 again, looking every name up afresh (LOOKUP_REVAL), then sends OPEN for what it found. It does
 that once (fs/namei.c, do_filp_open): a name replaced again between that second LOOKUP and its
-OPEN used to fail the open(2) with ESTALE, an error the user did not cause.
+OPEN must not fail the open(2) with ESTALE, an error the user did not cause.
 
 The rule: the first OPEN of a replaced version answers ESTALE, so an open that started after a
 change reaches the newest version (after another face's change the kernel may hold the old name

@@ -2,7 +2,7 @@
 
 Warm, a small file costs the kernel's OPEN, FLUSH and RELEASE and nothing else (its pages
 and attributes are cached); through pyfuse3 and trio each request that starts a task costs
-~30-46 us, against ~7 us in a C daemon (docs/PERFORMANCE.md). So the mount opens one read
+several times what it costs in a C daemon (docs/PLATFORM.md). So the mount opens one read
 handle (one fd on the blob) for an inode that is a plain committed artifact, and registers it
 with the patched pyfuse3 (``share_read_handle``): pyfuse3 then answers every later read-only
 OPEN of that inode itself, with that handle, ``keep_cache`` and ``noflush``, and their

@@ -4,7 +4,7 @@ A thin adapter: each route reads its request, calls one store operation and writ
 artifactfs.http.errors turns the store's errors into statuses. Rules about keys, sizes, offsets
 and pages live in the store, never here.
 
-The seed's routes overlap, and the order of the routes below is how the overlap is settled:
+The proposal's routes overlap, and the order of the routes below is how the overlap is settled:
 
 - ``GET /v1/artifacts/{key}:content`` comes first; ``:`` is not a key character, so it cannot
   shadow a key.

@@ -3,7 +3,8 @@
 The bytes come from the file object ``store.open_artifact`` returns, read with ``pread`` in a
 worker thread one chunk at a time, so a download never holds a whole artifact in memory and
 never blocks the trio loop on a slow disk. The open descriptor keeps the version it opened:
-a download that races a replace or a delete finishes with the old bytes (CONCURRENCY.md §6).
+a download that races a replace or a delete finishes with the old bytes
+(docs/CONCURRENCY.md, invariant 6).
 
 Range handling follows RFC 9110 §14: one ``bytes=`` range is served as 206; a range that starts
 past the end is 416 with ``Content-Range: bytes */size``; a header we cannot parse, a set of

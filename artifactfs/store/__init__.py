@@ -32,7 +32,7 @@ async def open_store(
 ) -> AsyncIterator[ArtifactStore]:
     """Open a data directory (taking its lock), recover it, and run its background work.
 
-    ``async with open_store(path) as store:`` gives the seed's operations under their names.
+    ``async with open_store(path) as store:`` gives the Artifacts API's operations by name.
     """
     store = ArtifactStore(
         Path(data_dir) if data_dir is not None else default_data_dir(),

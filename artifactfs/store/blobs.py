@@ -118,8 +118,8 @@ class DataDir:
 
     @staticmethod
     def new_blob_id() -> str:
-        # 128 random bits as 32 lowercase hex digits, the form of uuid4().hex (blobs made
-        # before this change) at a fifth of its cost.
+        # 128 random bits as 32 lowercase hex digits, the form of uuid4().hex (which older
+        # data directories hold) at a fraction of its cost.
         return os.urandom(16).hex()
 
     def blob_path(self, blob_id: str) -> Path:
@@ -224,9 +224,9 @@ class DataDir:
 
     def _make_fanout(self) -> None:
         """All 256 blobs/<xx> directories, made once in a data directory's life. Made one
-        at a time as blob ids came, each cost the commit that needed it an fsync of blobs/
-        (_make_blob_dir): in a new store's first few hundred small commits that fsync was
-        most of their time (docs/PERFORMANCE.md, "Store")."""
+        at a time as blob ids come, each would cost the commit that needs it an fsync of
+        blobs/ (_make_blob_dir): most of the time of a new store's first few hundred small
+        commits."""
         have = set(os.listdir(self.blobs))
         missing = [f"{i:02x}" for i in range(256) if f"{i:02x}" not in have]
         for name in missing:
@@ -279,8 +279,8 @@ class DataDir:
         replaced, rolled back) has nothing left to keep.
 
         Many blobs at once (a burst of small commits) take one syncfs instead: on ext4 every
-        fsync is a journal commit, and 10,000 of them took longer than the burst itself
-        (docs/PERFORMANCE.md, "Store"). Only where syncfs is known to reach the disk
+        fsync is a journal commit, and 10,000 of them take longer than the burst itself.
+        Only where syncfs is known to reach the disk
         (SYNCFS_WORKS_ON): on a FUSE file system it returns at once having synced nothing.
         """
         if len(blob_ids) >= SYNCFS_AT and self.syncfs_works:

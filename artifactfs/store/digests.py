@@ -2,8 +2,8 @@
 
 A mount commit whose bytes did not reach the daemon in order (a passthrough writer's, which
 the daemon never sees; random writes; an append to an existing file) would have to read the
-whole file back to hash it before close(2) could return: ~0.8 s per GiB here, more than a
-native ``cp`` of the file takes in all (docs/PERFORMANCE.md, "Digests after the commit").
+whole file back to hash it before close(2) could return, which takes longer than a native
+``cp`` of the file takes in all (sha256 runs slower than the kernel copies pages).
 Such a commit stores sha256 NULL, "pending" (schema.py), and ``PendingDigests`` hashes the
 blob on a worker thread, oldest first, and records the digest. Blobs are immutable, so the
 digest computed later is the one the commit would have computed.
@@ -34,7 +34,7 @@ from .metadata import Entry, Metadata
 
 log = logging.getLogger("artifactfs.store")
 
-# Below this a blob is hashed on the trio thread (a thread hop costs more, PLATFORM.md).
+# Below this a blob is hashed on the trio thread (a thread hop costs more, docs/PLATFORM.md).
 INLINE_HASH_BYTES = 4 << 20
 
 

@@ -36,8 +36,8 @@ class Entry:
     """One path in the tree (a row of ``entries``).
 
     Treat it as immutable: one Entry is shared by handles, replies and caches, so a change is
-    a copy (``dataclasses.replace``). Not ``frozen=True``, which enforced that at 2.0 us per
-    construction against 0.3 us: listing 100,000 entries builds 100,000 of them.
+    a copy (``dataclasses.replace``). Not ``frozen=True``, which enforces that at several times
+    the cost of a construction: listing 100,000 entries builds 100,000 of them.
     """
 
     id: int
@@ -72,7 +72,7 @@ class Entry:
 
     @property
     def is_artifact(self) -> bool:
-        """A committed artifact: what the seed's API sees."""
+        """A committed artifact: what the Artifacts API sees."""
         return self.kind == "file" and self.blob_id is not None
 
 
@@ -136,7 +136,7 @@ def _no_space(exc: sqlite3.OperationalError) -> NoSpace:
 
 class _Logged:
     """The ``with`` block of Metadata.logged. A class, not a generator: contextlib's
-    generator context manager cost 1.4 us of a ~40 us commit (docs/PERFORMANCE.md, "Store")."""
+    generator context manager costs several times more, on every commit."""
 
     __slots__ = ("fields", "kind", "meta", "mode")
 
@@ -226,7 +226,7 @@ class Metadata:
         # A checkpoint costs two fsyncs; at the default 1000 pages a burst of small commits
         # checkpointed every ~100 commits. The background task checkpoints in a worker thread
         # (checkpoint()); this threshold is the safety net if it falls behind: 10000 pages
-        # (40 MiB of WAL) (docs/PERFORMANCE.md, "Store").
+        # (40 MiB of WAL).
         self.conn.execute("PRAGMA wal_autocheckpoint = 10000")
         # Idempotent (IF NOT EXISTS / OR IGNORE); migrates a data directory made earlier.
         migrated_not_durable = create_schema(self.conn, time.time_ns())

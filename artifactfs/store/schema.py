@@ -53,8 +53,8 @@ _SCHEMA = """
 --            file fsynced before close); else the number of the flush that will make them
 --            durable: the version is durable once store_info 'durable_epoch' >= epoch. The
 --            background flusher syncs every blob committed before it started and then raises
---            'durable_epoch' in one row, so a commit costs it no row write of its own
---            (docs/PERFORMANCE.md, "Store"). Start-up after an unclean shutdown verifies the
+--            'durable_epoch' in one row, so a commit costs it no row write of its own.
+--            Start-up after an unclean shutdown verifies the
 --            rows above 'durable_epoch' (size and sha256), drops those whose bytes did not
 --            survive and sets the others to 0.
 -- target     symlinks only: the link target, as given (not a key; may be anything).
@@ -93,8 +93,8 @@ CREATE INDEX IF NOT EXISTS pending_files ON entries(id) WHERE kind = 'file' AND 
 -- scan. Only rows committed with a pending digest enter it, and their digest takes them out.
 CREATE INDEX IF NOT EXISTS entries_digest_pending ON entries(id)
     WHERE blob_id IS NOT NULL AND sha256 IS NULL;
--- Not indexed, on purpose (each was an index once; each cost a page write on every commit,
--- and together they were half of a small commit's time: docs/PERFORMANCE.md, "Store"):
+-- Not indexed, on purpose (an index costs a page write on every commit, and these would
+-- be a large part of a small commit's time for queries that run seldom):
 -- * list_artifacts pages through the key index above (sqlite_autoindex_entries_1) and skips
 --   the few directories, symlinks and pending files it meets on the way;
 -- * start-up's orphan-blob scan, which runs only after an unclean shutdown, reads blob_id of
@@ -149,7 +149,7 @@ CREATE TABLE IF NOT EXISTS sessions (
 -- flusher up to 2 s later; meanwhile any WAL fsync (the flusher's, a checkpoint, another
 -- file's fsync) can make the replacing row durable ahead of its bytes. If a power loss then
 -- tears those bytes, start-up puts this version back instead of losing the key
--- (docs/RELIABILITY.md, found by tests/test_power_loss.py).
+-- (docs/RELIABILITY.md §3; tests/test_power_loss.py, tests/test_store_crash.py).
 --
 -- entry_id   the entry replaced; blob_id, size, sha256, mime_type, created_at: its durable
 --            version. Written in the replacing transaction when the entry held a durable

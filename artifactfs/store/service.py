@@ -1,8 +1,8 @@
 """The artifact store: the one place where artifactfs's semantics live.
 
-The seed's seven operations (async, trio) and the tree operations the mount needs (directories,
-rename, attributes, symlinks, files open for writing). The mount and the HTTP face translate
-requests into these calls and errors out of them; they decide nothing.
+The Artifacts API's seven operations (async, trio) and the tree operations the mount needs
+(directories, rename, attributes, symlinks, files open for writing). The mount and the HTTP
+face translate requests into these calls and errors out of them; they decide nothing.
 
 Concurrency (see docs/CONCURRENCY.md): everything runs on one trio thread. Code between two
 awaits does not interleave with other tasks, and SQLite calls never await, so each
@@ -158,7 +158,7 @@ class ArtifactStore(MountWrites):
         return ArtifactUploadResponse(
             id=s.id, uri=self.session_uri(s.id), offset=s.offset, size=s.size)
 
-    # --- the seed's operations -------------------------------------------------------------
+    # --- the Artifacts API's operations ------------------------------------------------------
 
     async def create_upload_session(
         self, key: str, mime_type: str, size: int
@@ -175,7 +175,7 @@ class ArtifactStore(MountWrites):
         # all of them at once never needs one (upload_stream). A session at offset 0 without
         # its file is one that has received nothing.
         # The check and the insert share one transaction: one lock round instead of one per
-        # statement (docs/PERFORMANCE.md, "Store").
+        # statement.
         with self.meta.logged("session", row.fields()):
             self._check_can_hold_file(key)
             self.meta.insert_session(row)
@@ -260,7 +260,7 @@ class ArtifactStore(MountWrites):
         try:
             # Drop a torn tail left by a crash mid-request, only if there is one: on ext4 a
             # truncate (even of an empty file, to 0) makes the next close() start writeback
-            # of the file (auto_da_alloc), which was 18 us of a ~100 us small upload.
+            # of the file (auto_da_alloc), a large part of a small upload's cost.
             if os.fstat(fd).st_size != s.offset:
                 os.ftruncate(fd, s.offset)
             if isinstance(chunks, AsyncIterable):
@@ -492,11 +492,11 @@ class ArtifactStore(MountWrites):
     ) -> ArtifactResponse:
         """Commit a whole artifact held in memory, in one step (our Python extension).
 
-        The seed's way (create_upload_session, then upload_content_to_session) needs a session
-        row that survives restarts, so two transactions; content already whole in memory (an
-        eval result, a config, a small shard) needs no resumable session. Same rules, same
-        atomic replace, same crash safety: the bytes go straight to a new blob, and a crash
-        before the row points at it leaves an orphan that start-up removes.
+        The Artifacts API's way (create_upload_session, then upload_content_to_session) needs
+        a session row that survives restarts, so two transactions; content already whole in
+        memory (an eval result, a config, a small shard) needs no resumable session. Same
+        rules, same atomic replace, same crash safety: the bytes go straight to a new blob,
+        and a crash before the row points at it leaves an orphan that start-up removes.
         """
         validate_key(key)
         validate_mime_type(mime_type)

@@ -2,7 +2,7 @@
 
 ArtifactStore is one object built from layers, each a module a reader can take in one sitting:
 state.py (this) <- tree.py (the mount's tree operations) <- writes.py (files open for writing in
-the mount) <- service.py (the seed's operations, lifecycle, background work).
+the mount) <- service.py (the Artifacts API's operations, lifecycle, background work).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .sessions import WriteSession
 
 log = logging.getLogger("artifactfs.store")
 
-# Below this, hashing or copying inline is cheaper than a thread hop (PLATFORM.md).
+# Below this, hashing or copying inline is cheaper than a thread hop (docs/PLATFORM.md).
 INLINE_IO_BYTES = 4 << 20
 DEFAULT_SESSION_TTL = 24 * 3600
 # How long the bytes of a replaced version stay openable after the replacement (seconds).

@@ -90,9 +90,10 @@ def markdown(result: dict) -> str:
     fses = [f for f in ORDER if f in result["filesystems"]]
     lines = []
     meta = result["meta"]
-    lines.append(f"{meta['profile'].capitalize()} run of {meta['finished'][:10]}, git {meta['git']}:"
-                 f" {meta['sizes_text']}; {meta['reps']} repetitions; load average"
-                 f" {_load1(meta['load_before'])} before, {_load1(meta['load_after'])} after."
+    lines.append(f"{meta['profile'].capitalize()} run of {meta['finished'][:10]},"
+                 f" git {meta['git']}: {meta['sizes_text']}; {meta['reps']} repetitions;"
+                 f" load average {_load1(meta['load_before'])} before,"
+                 f" {_load1(meta['load_after'])} after."
                  " Cells: median ratio to native (min–max for artifactfs); native: median"
                  " (min–max).")
     lines.append("")
