@@ -1,4 +1,4 @@
-"""The artifactfs benchmark (issue 5): each workload on the native file system that holds the
+"""The artifactfs benchmark: each workload on the native file system that holds the
 data directory, on artifactfs, and on the peer FUSE file systems present (bindfs, rclone), in
 one run, repeated, reported as ratios to native taken in the same run.
 

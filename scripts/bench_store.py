@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Benchmark of the store layer (issue 2); numbers go to docs/PERFORMANCE.md, section "Store".
+"""Benchmark of the store layer; docs/PERFORMANCE.md (Method, The store) says what it shows.
 
     .venv/bin/python scripts/bench_store.py [--artifacts 1000000] [--big-dir 100000]
                                             [--commits 10000] [--dir /var/tmp]
 
-1. Commits: N small artifacts through the real service API, both put_artifact and the seed's
+1. Commits: N small artifacts through the real service API, both put_artifact and the API's
    create_upload_session + upload_content_to_session, against writing and renaming the same
    files on the native disk, in the same run, on the same file system, taking turns in blocks
    of 500. Prints the ratios (target: < 3).
@@ -70,7 +70,7 @@ def native_block(root: Path, payloads: list[bytes], lo: int, hi: int) -> tuple[f
 
 async def session_block(store: ArtifactStore, payloads: list[bytes], lo: int,
                         hi: int) -> tuple[float, float]:
-    """The seed's way: create_upload_session, then upload_content_to_session."""
+    """The Artifacts API's way: create_upload_session, then upload_content_to_session."""
     t0, c0 = time.perf_counter(), time.process_time()
     for i in range(lo, hi):
         s = await store.create_upload_session(_key(i), "application/octet-stream",
@@ -156,7 +156,7 @@ async def bench_commits(base: Path, n: int, size: int, repeats: int) -> None:
 
 
 def sql_floor(root: Path, n: int) -> float:
-    """What the two write transactions of a commit cost by themselves, on this machine."""
+    """What the two write transactions of a commit cost by themselves, on the machine it runs on."""
     root.mkdir()
     meta = Metadata(root / "meta.db")
     conn = meta.conn

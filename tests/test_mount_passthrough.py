@@ -189,8 +189,8 @@ def test_an_in_place_rewrite_under_a_reader_that_reads_through(workdir: Path,
 def test_a_writers_shared_map_never_writes_into_the_readers_blob(workdir: Path,
                                                                  mount: Mount) -> None:
     """A passthrough open's mmap maps its backing file even with direct_io, writably if the
-    open may write: a writer sharing the readers' backing file wrote into their committed
-    blob (found by this test). Writers get an inode of their own instead."""
+    open may write: a writer sharing the readers' backing file would write into their
+    committed blob. Writers get an inode of their own instead."""
     p = workdir / "mapped.bin"
     old = os.urandom(8192)
     p.write_bytes(old)

@@ -185,7 +185,7 @@ def reopen(held: int, flags: int) -> int:
 def test_open_of_a_name_replaced_during_the_open(workdir: Path, mount: Mount) -> None:
     """open(2) looks the name up, then opens the inode it found. The kernel retries an open
     answered ESTALE once, looking the name up again; a name replaced twice within one open
-    (once before each attempt's OPEN) used to fail it with ESTALE. Made deterministic here: an
+    (once before each attempt's OPEN) must not fail it with ESTALE. Made deterministic here: an
     O_PATH descriptor taken before the replacements holds the inode the lookup found, and
     reopening it sends both attempts' OPEN for that inode, as the race does. The open gets
     that version, whole, as on a disk, where an open racing a rename opens the inode its

@@ -1,4 +1,4 @@
-"""Store layer, the seed's seven operations: what they answer and what bad input does.
+"""Store layer, the Artifacts API's seven operations: what they answer and what bad input does.
 
 Every refused request must leave the store exactly as it was (rows, blobs, staging files).
 """

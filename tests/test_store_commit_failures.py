@@ -5,7 +5,7 @@ A passthrough session (the kernel writes the staging file itself, fs/passthrough
 is driven here as the mount drives it: ``pass_through`` and then writes straight into
 ``ws.fd``, ``sync_write`` for fsync, ``snapshot_write`` for the FLUSH at close, and
 ``release_write`` for the last RELEASE, which publishes the staging file itself as the blob.
-Found by review (session 5); each test fails without its fix.
+Each test fails if the guard it names is taken away.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def staged(store: ArtifactStore) -> list[str]:
 async def test_a_failure_after_the_commit_leaves_the_committed_bytes_whole(
         store: ArtifactStore, passthrough: bool) -> None:
     """The last release publishes the staging file itself as the blob; a failure after the
-    commit's transaction (the WAL's fsync, EIO) used to "abandon" the session, truncating
-    that file: the row said 300,000 bytes and the blob held 0."""
+    commit's transaction (the WAL's fsync, EIO) must not "abandon" the session, truncating
+    that file: the row would say 300,000 bytes and the blob hold 0."""
     e, ws = store.create_file(ROOT_ID, "x.bin", 0o644, 0, 0)
     want = bytearray(DATA)
     if passthrough:

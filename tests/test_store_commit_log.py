@@ -307,8 +307,8 @@ def test_a_redone_replacement_whose_bytes_were_lost_gives_back_the_durable_versi
         tmp_path: Path) -> None:
     """A durable artifact replaced by a logged commit, then a power loss that takes the new
     bytes: start-up redoes the line, finds the bytes torn and puts the durable version back;
-    that version's blob must then outlive a clean stop. Found by the power-loss test at
-    scale 3: the redo had doomed the old blob as the first commit did, and close() freed it."""
+    that version's blob must then outlive a clean stop: a redo that doomed the old blob, as
+    the first run of the commit did, would let close() free the version just put back."""
     root = tmp_path / "data"
     store = _opened(root)
     trio.run(store.put_artifact, "p/a", b"old" * 100)

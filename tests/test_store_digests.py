@@ -420,7 +420,7 @@ async def test_fsck_repair_never_fills_the_digest_of_a_version_not_durable(
         tmp_path: Path) -> None:
     """After a power loss a non-durable pending row may hold torn bytes: fsck (which does
     not know whether the machine restarted) must not record their digest, or start-up would
-    then verify the torn bytes against it and keep them (found by review)."""
+    then verify the torn bytes against it and keep them."""
     store = plain_store(tmp_path / "data")
     data = content(21)
     entry = await commit_out_of_order(store, "t.bin", data)

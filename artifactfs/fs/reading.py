@@ -53,8 +53,8 @@ def read_reply(fd: int, offset: int, size: int) -> bytes | memoryview:
         return os.pread(fd, size, offset) if end > offset else b""
     if not _resident(fd, end - 1):
         # Not in the page cache yet (a cold read): pread, whose sequential read-ahead keeps
-        # the disk busy while the daemon replies. Faulting a mapping in read cold files at
-        # 0.6-0.7 GB/s where pread made 0.8-1.1 GB/s (same run, alternated).
+        # the disk busy while the daemon replies; faulting a mapping in reads around each
+        # fault instead, and cold files read slower that way.
         return os.pread(fd, size, offset)
     base = offset & _PAGE_MASK
     # MAP_POPULATE maps every page in the mmap call, instead of one fault per 64 KiB while

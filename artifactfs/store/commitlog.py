@@ -1,14 +1,14 @@
 """The commit log: commits acknowledged to their caller before SQLite has committed them.
 
 Why: a SQLite COMMIT in WAL mode writes every page the transaction touched (4-5 frames for one
-small artifact) and was ~25 us of a ~70 us ``put_artifact``, more than writing the artifact's
-file. Commits are therefore batched: the metadata connection keeps one write transaction open
+small artifact), which costs more than writing the artifact's file (docs/PERFORMANCE.md, Known
+weak spots). Commits are therefore batched: the metadata connection keeps one write transaction open
 (the *batch*) for up to ``BATCH_WINDOW`` seconds or ``BATCH_MAX`` commits, each commit runs in
 a savepoint inside it, and each appends one line describing itself to this log with one
 ``write(2)`` before it returns. Everything reads through that same connection, so a commit is
-visible to every face the moment it returns, exactly as before; only the COMMIT is shared.
+visible to every face the moment it returns, as without the batch; only the COMMIT is shared.
 
-What survives what (DESIGN §6, unchanged):
+What survives what (DESIGN §6; the batch changes none of it):
 - A crash of the process: the kernel keeps the log's written lines; start-up replays the
   lines of the batch that had not committed (recovery.py), so no acknowledged commit is lost.
 - A power loss: neither the log nor an uncommitted batch was ever promised to survive one.

@@ -342,7 +342,7 @@ class ArtifactStore(MountWrites):
             self._cursors[(prefix, start + len(rows))] = (self._generation, rows[-1].key)
         query = f"start_index={start}&limit={count}" + (f"&prefix={prefix}" if prefix else "")
         # Plain dicts, built once: ArtifactResponse models dumped back to dicts and validated
-        # again by PaginatedResponse cost 5 ms of a 1000-row page (bench_store.py, section 3).
+        # again by PaginatedResponse would cost a large part of a 1000-row page's time.
         rows = await self.digests.ready_all(rows)
         return PaginatedResponse.model_construct(
             data=[self._artifact_dict(e) for e in rows], has_more=has_more,

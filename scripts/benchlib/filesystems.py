@@ -186,7 +186,7 @@ class ArtifactFS(FileSystem):
     name = "artifactfs"
 
     # Set by bench.py --afs-rev: a snapshot of the package at a commit, run instead of the
-    # working tree (which other engineers may be editing while the bench runs).
+    # working tree (which may be edited while the bench runs).
     src: Path | None = None
     rev: str | None = None
     # Set by bench.py --afs-opt: extra `artifactfs mount` options (e.g. --no-passthrough).

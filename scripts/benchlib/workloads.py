@@ -1,4 +1,4 @@
-"""The workloads of issue 5. Each loops ``for rep: for fs:`` so every repetition measures every
+"""The benchmark's workloads. Each loops ``for rep: for fs:`` so every repetition measures every
 file system under the same conditions, minutes apart at most; ratios are taken per repetition
 (fs / native of the same repetition), which is what keeps them meaningful on a busy machine.
 
