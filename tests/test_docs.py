@@ -25,10 +25,13 @@ SCANNED_SUFFIXES = {".py", ".md", ".sh", ".toml", ".txt", ""}
 SECTION_REF = re.compile(
     r"\b(?:docs/)?(?:DESIGN(?:\.md)?|(?P<doc>[A-Za-z_]+)\.md),? §"
     r"(?P<nums>\d+(?:(?:\s*[,–-]\s*|\s+and\s+)§?\d+)*)")
+# A part of a document named after it: 'SEMANTICS.md, Overwriting', 'PERFORMANCE.md, "Method"'.
+NAMED_PART = re.compile(r"\b([A-Z][A-Z_]*\.md)\)?, (?:\"([^\"\n]+)\"|([A-Z][A-Za-z' -]*[A-Za-z]))")
+BOLD_LEAD = re.compile(r"^\*\*([^*]+)\*\*", re.M)
 # A document named by file name: docs/X.md, X.md.
 MD_NAME = re.compile(r"(?<![\w./-])((?:docs/)?[A-Za-z0-9_-]+\.md)\b")
 # [text](target) and ![alt](target), target without spaces.
-MD_LINK = re.compile(r"!?\[[^\]\n]*\]\(([^)\s]+)\)")
+MD_LINK = re.compile(r"!?\[[^\]]{0,300}\]\(([^)\s]+)\)")
 NUMBERED_HEADING = re.compile(r"^#{2,6} (\d+)\.\s", re.M)
 HEADING = re.compile(r"^#{1,6} (.+?)\s*#*\s*$", re.M)
 FENCE = re.compile(r"^```.*?^```", re.M | re.S)
@@ -75,6 +78,13 @@ def anchors(doc: Path) -> set[str]:
         seen[s] = n + 1
         out.add(s if n == 0 else f"{s}-{n}")
     return out
+
+
+def part_names(doc: Path) -> list[str]:
+    """What a part of ``doc`` may be cited by: its headings and its bold paragraph leads."""
+    text = FENCE.sub("", read(doc))
+    return [re.sub(r"[`*]", "", h).strip().lower()
+            for h in HEADING.findall(text) + BOLD_LEAD.findall(text)]
 
 
 def expand(nums: str) -> list[int]:
@@ -134,6 +144,19 @@ def test_every_document_named_exists() -> None:
     assert not bad, "\n".join(bad)
 
 
+def test_every_named_part_of_a_document_exists() -> None:
+    bad = []
+    for p in FILES:
+        text = read(p)
+        for m in NAMED_PART.finditer(text):
+            doc = resolve_md(m[1], p)
+            name = (m[2] or m[3]).strip().lower()
+            if doc is not None and not any(h.startswith(name) for h in part_names(doc)):
+                bad.append(f"{p.relative_to(REPO)}:{line_of(text, m.start())}: {m[1]} has no"
+                           f" part named {name!r}")
+    assert not bad, "\n".join(bad)
+
+
 def test_every_markdown_link_resolves() -> None:
     bad = []
     for p in FILES:
@@ -183,3 +206,7 @@ def test_a_broken_reference_is_caught() -> None:
     assert names == ["docs/NOPE.md", "X.md"]
     assert resolve_md("NOPE.md", REPO / "README.md") is None
     assert MD_LINK.findall("[a](b.md#c) ![i](bench/x.png)") == ["b.md#c", "bench/x.png"]
+    m = NAMED_PART.search('(docs/PERFORMANCE.md, "Store") and (SEMANTICS.md, Overwriting)')
+    assert m is not None and m[2] == "Store"
+    assert "store" not in part_names(DOCS / "PERFORMANCE.md")
+    assert any(h.startswith("overwriting") for h in part_names(DOCS / "SEMANTICS.md"))

@@ -37,7 +37,7 @@ class WriteSession:
     closed: trio.Event = field(default_factory=trio.Event)
     committing: bool = False
     # A write failed for want of space: the file lacks bytes its writer was told are lost,
-    # so it must not commit (DESIGN §5: nothing half-committed); close reports ENOSPC.
+    # so it must not commit (DESIGN §2: a commit is whole or nothing); close reports ENOSPC.
     nospace: bool = False
     failed: BaseException | None = None
     # Writes into a version no longer at its name (open_detached_write): never commits.
