@@ -210,3 +210,43 @@ def test_a_broken_reference_is_caught() -> None:
     assert m is not None and m[2] == "Store"
     assert "store" not in part_names(DOCS / "PERFORMANCE.md")
     assert any(h.startswith("overwriting") for h in part_names(DOCS / "SEMANTICS.md"))
+
+
+def _report():  # scripts/benchlib is not a package of the project: import it from its place
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from benchlib import report
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    return report
+
+
+@pytest.mark.parametrize("profile", ["full", "quick"])
+def test_the_results_in_performance_md_are_what_the_bench_writes(tmp_path: Path,
+                                                                 profile: str) -> None:
+    """The generated block is the generator's output for the run's JSON, so the next run of
+    scripts/bench writes the same shape, and nothing outside its block moves."""
+    import json
+
+    report = _report()
+    doc = tmp_path / "PERFORMANCE.md"
+    doc.write_text(read(DOCS / "PERFORMANCE.md"))
+    result = json.loads(read(DOCS / "bench" / f"{profile}.json"))
+    report.update_performance_md(doc, profile, report.markdown(result))
+    assert doc.read_text() == read(DOCS / "PERFORMANCE.md")
+
+
+def test_a_missing_results_block_goes_ahead_of_the_rest(tmp_path: Path) -> None:
+    report = _report()
+    doc = tmp_path / "PERFORMANCE.md"
+    doc.write_text("# Performance\n\nIntro.\n\n## Known weak spots\n\nText.\n")
+    report.update_performance_md(doc, "quick", "QUICK")
+    report.update_performance_md(doc, "full", "FULL")
+    text = doc.read_text()
+    order = [text.index(s) for s in ("Intro.", "## Results: full run", "FULL",
+                                     "## Results: quick run", "QUICK", "## Known weak spots")]
+    assert order == sorted(order), text
+    report.update_performance_md(doc, "full", "FULL2")
+    assert "FULL2" in doc.read_text() and "FULL\n" not in doc.read_text()

@@ -157,14 +157,13 @@ def update_performance_md(doc: Path, profile: str, body: str) -> None:
                       flags=re.S)
     else:
         section = f"## {SECTION_TITLES[profile]}\n\n{block}\n\n"
-        full_end = "<!-- bench:full:end -->"
-        if profile == "quick" and full_end in text:
-            at = text.index(full_end) + len(full_end)
-            text = text[:at] + "\n\n" + section.rstrip("\n") + text[at:]
-        else:
-            first = re.search(r"^## (?!Results)", text, flags=re.M)
-            at = first.start() if first else len(text)
-            text = text[:at].rstrip("\n") + "\n\n" + section + text[at:]
+        # The full run goes ahead of any other section (the quick run's included), the quick
+        # run ahead of any section that is not a result.
+        ahead = r"^## " if profile == "full" else r"^## (?!Results)"
+        first = re.search(ahead + r"(?!" + re.escape(SECTION_TITLES["full"]) + ")", text,
+                          flags=re.M)
+        at = first.start() if first else len(text)
+        text = text[:at].rstrip("\n") + "\n\n" + section + text[at:]
     doc.write_text(text.rstrip("\n") + "\n")
 
 
