@@ -9,6 +9,7 @@ heading. No text names a path of one particular machine.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,7 @@ MD_NAME = re.compile(r"(?<![\w./-])((?:docs/)?[A-Za-z0-9_-]+\.md)\b")
 MD_LINK = re.compile(r"!?\[[^\]]{0,300}\]\(([^)\s]+)\)")
 NUMBERED_HEADING = re.compile(r"^#{2,6} (\d+)\.\s", re.M)
 HEADING = re.compile(r"^#{1,6} (.+?)\s*#*\s*$", re.M)
+MACHINE_PATH = re.compile(r"(?<![\w.])/(?:work|home)/[\w.-]+")
 FENCE = re.compile(r"^```.*?^```", re.M | re.S)
 
 
@@ -107,6 +109,14 @@ def resolve_md(name: str, where: Path) -> Path | None:
 FILES = text_files()
 
 
+def matches(pattern: re.Pattern[str]) -> Iterator[tuple[Path, str, re.Match[str]]]:
+    """Every match of ``pattern`` in the scanned files: the file, where (path:line), the match."""
+    for p in FILES:
+        text = read(p)
+        for m in pattern.finditer(text):
+            yield p, f"{p.relative_to(REPO)}:{line_of(text, m.start())}", m
+
+
 def test_the_scan_sees_the_documents() -> None:
     names = {p.relative_to(REPO).as_posix() for p in FILES}
     assert {"README.md", "docs/DESIGN.md", "docs/SEMANTICS.md", "artifactfs/errors.py"} <= names
@@ -115,17 +125,14 @@ def test_the_scan_sees_the_documents() -> None:
 
 def test_every_section_reference_names_a_section() -> None:
     bad = []
-    for p in FILES:
-        text = read(p)
-        for m in SECTION_REF.finditer(text):
-            doc = resolve_md(f"{m['doc'] or 'DESIGN'}.md", p)
-            where = f"{p.relative_to(REPO)}:{line_of(text, m.start())}"
-            if doc is None:
-                bad.append(f"{where}: {m[0]!r} names no document of the repository")
-                continue
-            missing = [n for n in expand(m["nums"]) if n not in numbered_sections(doc)]
-            if missing:
-                bad.append(f"{where}: {m[0]!r}: {doc.name} has no section {missing}")
+    for p, where, m in matches(SECTION_REF):
+        doc = resolve_md(f"{m['doc'] or 'DESIGN'}.md", p)
+        if doc is None:
+            bad.append(f"{where}: {m[0]!r} names no document of the repository")
+            continue
+        missing = [n for n in expand(m["nums"]) if n not in numbered_sections(doc)]
+        if missing:
+            bad.append(f"{where}: {m[0]!r}: {doc.name} has no section {missing}")
     design = DOCS / "DESIGN.md"
     text = read(design)
     for m in re.finditer(r"\bsection (\d+)\b", text):
@@ -135,25 +142,18 @@ def test_every_section_reference_names_a_section() -> None:
 
 
 def test_every_document_named_exists() -> None:
-    bad = []
-    for p in FILES:
-        text = read(p)
-        for m in MD_NAME.finditer(text):
-            if resolve_md(m[1], p) is None:
-                bad.append(f"{p.relative_to(REPO)}:{line_of(text, m.start())}: no file {m[1]}")
+    bad = [f"{where}: no file {m[1]}" for p, where, m in matches(MD_NAME)
+           if resolve_md(m[1], p) is None]
     assert not bad, "\n".join(bad)
 
 
 def test_every_named_part_of_a_document_exists() -> None:
     bad = []
-    for p in FILES:
-        text = read(p)
-        for m in NAMED_PART.finditer(text):
-            doc = resolve_md(m[1], p)
-            name = (m[2] or m[3]).strip().lower()
-            if doc is not None and not any(h.startswith(name) for h in part_names(doc)):
-                bad.append(f"{p.relative_to(REPO)}:{line_of(text, m.start())}: {m[1]} has no"
-                           f" part named {name!r}")
+    for p, where, m in matches(NAMED_PART):
+        doc = resolve_md(m[1], p)
+        name = (m[2] or m[3]).strip().lower()
+        if doc is not None and not any(h.startswith(name) for h in part_names(doc)):
+            bad.append(f"{where}: {m[1]} has no part named {name!r}")
     assert not bad, "\n".join(bad)
 
 
@@ -170,7 +170,7 @@ def test_every_markdown_link_resolves() -> None:
                 continue
             path, _, anchor = target.partition("#")
             dest = (p.parent / path).resolve() if path else p
-            where = f"{p.relative_to(REPO)}:{line_of(text, m.start())}"
+            where = f"{p.relative_to(REPO)}:{line_of(prose, m.start())}"
             if not dest.exists():
                 bad.append(f"{where}: {target} does not exist")
             elif anchor and (dest.suffix != ".md" or anchor not in anchors(dest)):
@@ -179,11 +179,7 @@ def test_every_markdown_link_resolves() -> None:
 
 
 def test_no_text_names_a_path_of_one_machine() -> None:
-    bad = []
-    for p in FILES:
-        text = read(p)
-        for m in re.finditer(r"(?<![\w.])/(?:work|home)/[\w.-]+", text):
-            bad.append(f"{p.relative_to(REPO)}:{line_of(text, m.start())}: {m[0]}")
+    bad = [f"{where}: {m[0]}" for _, where, m in matches(MACHINE_PATH)]
     assert not bad, "\n".join(bad)
 
 
