@@ -35,6 +35,9 @@ MD_NAME = re.compile(r"(?<![\w./-])((?:docs/)?[A-Za-z0-9_-]+\.md)\b")
 MD_LINK = re.compile(r"!?\[[^\]]{0,300}\]\(([^)\s]+)\)")
 NUMBERED_HEADING = re.compile(r"^#{2,6} (\d+)\.\s", re.M)
 HEADING = re.compile(r"^#{1,6} (.+?)\s*#*\s*$", re.M)
+# History belongs in git: no work rounds, issue numbers or review notes as the reason for text.
+NARRATION = re.compile(r"\b(?:issue|session) #?\d+\b|\bfound by review\b|\bbefore this change\b",
+                       re.I)
 MACHINE_PATH = re.compile(r"(?<![\w.])/(?:work|home)/[\w.-]+")
 FENCE = re.compile(r"^```.*?^```", re.M | re.S)
 
@@ -183,6 +186,11 @@ def test_no_text_names_a_path_of_one_machine() -> None:
     assert not bad, "\n".join(bad)
 
 
+def test_no_text_narrates_its_history() -> None:
+    bad = [f"{where}: {m[0]}" for _, where, m in matches(NARRATION)]
+    assert not bad, "\n".join(bad)
+
+
 @pytest.mark.parametrize(("heading", "anchor"), [
     ("2. `cp` and the copy at close", "2-cp-and-the-copy-at-close"),
     ("Results: quick run (`--quick`)", "results-quick-run---quick"),
@@ -202,6 +210,8 @@ def test_a_broken_reference_is_caught() -> None:
     assert names == ["docs/NOPE.md", "X.md"]
     assert resolve_md("NOPE.md", REPO / "README.md") is None
     assert MD_LINK.findall("[a](b.md#c) ![i](bench/x.png)") == ["b.md#c", "bench/x.png"]
+    assert NARRATION.findall("the bench of issue 5, session 4, and a session of 3") == [
+        "issue 5", "session 4"]
     m = NAMED_PART.search('(docs/PERFORMANCE.md, "Store") and (SEMANTICS.md, Overwriting)')
     assert m is not None and m[2] == "Store"
     assert "store" not in part_names(DOCS / "PERFORMANCE.md")
