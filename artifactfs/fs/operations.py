@@ -69,7 +69,7 @@ log = logging.getLogger("artifactfs.fs")
 READDIR_BATCH = 512
 
 # Seconds every RELEASE waits before its commit. Zero but in tests: they set it to hold a
-# close's RELEASE back while other opens run, as a busy daemon may (tests/test_races.py).
+# close's RELEASE back while other opens run, as a busy daemon may (tests/test_mount_reopen.py).
 RELEASE_DELAY = float(os.environ.get("ARTIFACTFS_RELEASE_DELAY", "0"))
 
 # pyfuse3 as built by scripts/setup (patches/) can set FOPEN_CACHE_DIR and FOPEN_NOFLUSH in
