@@ -16,8 +16,16 @@ ends with committed artifacts. After every step:
 
 One file may be held open for writing and one for reading across steps (``hold_open``,
 ``hold_reader``) while the other rules read, rewrite, rename, unlink or replace them: what the
-descriptors read and fstat must match the disk's too. It all runs in one thread, so a sequence
-is deterministic.
+descriptors read and fstat must match the disk's too. ``descriptors`` runs a burst of
+tests/random_io.py's exerciser on the tree's files within one step: up to four descriptors
+at once (read-only, write-only, read-write, append, O_TRUNC), reads, writes past the end, mmap
+reads and writes, truncates up and down, copy_file_range, fsync, closes and reopens, each
+compared as it runs; every descriptor it opened is closed by the end of the step. It all runs
+in one thread, so a sequence is deterministic.
+
+The machine runs on a mount in each of the mount's modes (mountutil.MODES): passthrough
+reads and writes, passthrough reads only, and everything through the daemon with the
+writeback cache.
 
 What the mount refuses on purpose (docs/SEMANTICS.md) runs against the mount alone, which must
 answer the documented errno and change nothing: names outside ``[A-Za-z0-9_.-]`` (EINVAL), keys
@@ -56,11 +64,13 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from mountutil import Mount, mount_fixture
+from mountutil import Mount, modes_mount_fixture
+from random_io import Mismatch, RandomIO
+from random_io import keep_readers_version as disk_keeps_readers_version
 
 pytestmark = pytest.mark.mount
 
-mount = mount_fixture()
+mount = modes_mount_fixture()
 
 NAMES = ("a", "b", "c.txt", "...")
 BAD_NAMES = ("with space", "colon:name", "star*", "\u00fc", "new\nline", "back\\slash")
@@ -230,21 +240,16 @@ class MountModel(RuleBasedStateMachine):
         to be changed in place while the held reader has it open, and no writer does, first
         moves to a new inode, so the reader keeps the version it opened. On the disk (``root``
         is the reference) that is a copy renamed over the file; on the mount, nothing."""
-        if root != self.disk or self.reader is None:
-            return
-        try:
-            st_ = os.stat(root / p)
-        except OSError:
-            return
-        if (not stat.S_ISREG(st_.st_mode) or os.fstat(self.reader[2]).st_ino != st_.st_ino
-                or (self.held is not None and os.fstat(self.held[2]).st_ino == st_.st_ino)):
-            return
-        real = (root / p).resolve()
-        tmp = real.with_name(real.name + ".moved")
-        shutil.copyfile(real, tmp)
-        os.chown(tmp, st_.st_uid, st_.st_gid)
-        os.chmod(tmp, stat.S_IMODE(st_.st_mode))
-        os.rename(tmp, real)
+        if root == self.disk:
+            disk_keeps_readers_version(root / p, self.held_on_disk())
+
+    def held_on_disk(self) -> list[tuple[int, bool]]:
+        """The descriptors held across steps on the disk's files, as (fd, writable)."""
+        held = [(self.held[2], True)] if self.held is not None else []
+        return held + ([(self.reader[2], False)] if self.reader is not None else [])
+
+    def files(self) -> list[str]:
+        return sorted(p for p, k in self.paths().items() if k == "file")
 
     def _close_reader(self) -> None:
         _close_pair(self.reader)
@@ -388,6 +393,17 @@ class MountModel(RuleBasedStateMachine):
                 os.close(fd)
 
         self.both(f"mmap {p} and write {len(body)} bytes at {offset}", go)
+
+    @rule(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 60))
+    def descriptors(self, seed: int, n: int) -> None:
+        """Several descriptors on the tree's files at once, ``n`` operations drawn from
+        ``seed`` (tests/random_io.py), all closed by the end of the step."""
+        rio = RandomIO(self.mnt, self.disk, names=self.files, others=self.held_on_disk)
+        try:
+            rio.run(seed, n)
+        except Mismatch as e:
+            note("\n".join(str(op) for op in rio.done[-30:]))
+            raise AssertionError(f"descriptors (seed {seed}, {n} operations): {e}") from None
 
     @rule(data=st.data())
     def unlink(self, data: st.DataObject) -> None:
