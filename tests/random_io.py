@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import mmap
 import os
 import random
@@ -419,6 +420,8 @@ def main() -> int:
     parser.add_argument("--ops", type=int, default=1000)
     parser.add_argument("--log", type=Path, help="each operation, written before it runs")
     parser.add_argument("--shrink", action="store_true", help="shrink a failing sequence")
+    parser.add_argument("--replay", type=Path,
+                        help="run the operations of this JSON file (a list of lists) instead")
     args = parser.parse_args()
     log_fd = os.open(args.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if args.log else None
 
@@ -435,9 +438,13 @@ def main() -> int:
 
     rio = RandomIO(args.mnt, args.disk, log=log)
     try:
-        rio.run(args.seed, args.ops)
+        if args.replay:
+            rio.replay([tuple(op) for op in json.loads(args.replay.read_text())])
+        else:
+            rio.run(args.seed, args.ops)
     except Mismatch as e:
-        print(f"seed {args.seed}, operation {len(rio.done)}: {e}")
+        where = "replay" if args.replay else f"seed {args.seed}"
+        print(f"{where}, operation {len(rio.done)}: {e}")
         ops = rio.done[-30:]
         if args.shrink:
             ops = shrink(fresh, rio.done)
@@ -447,7 +454,7 @@ def main() -> int:
                 print(f"shrunk to {len(ops)} operations: {again}")
         print("\n".join(describe(op) for op in ops))
         return 1
-    print(f"seed {args.seed}: {args.ops} operations alike")
+    print(f"{len(rio.done)} operations alike")
     return 0
 
 

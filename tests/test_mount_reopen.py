@@ -16,6 +16,7 @@ rewritten while other descriptors hold them, checked against the local disk.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -36,22 +37,27 @@ OPS_PER_RUN = 2000
 RUNS = 5 * SCALE  # 10,000 operations per mode; 100,000 at ARTIFACTFS_TORTURE_SCALE=10
 
 
+def run_exerciser(mnt: Path, disk: Path, *args: str) -> None:
+    """Run tests/random_io.py in a child; a signal (SIGBUS on a mapped read) fails the test
+    with the operations that led to it."""
+    log = disk.with_name(disk.name + ".log")
+    r = subprocess.run([sys.executable, os.fspath(EXERCISER), os.fspath(mnt), os.fspath(disk),
+                        "--log", os.fspath(log), *args],
+                       capture_output=True, text=True, timeout=600, check=False)
+    if r.returncode < 0:
+        last = log.read_text().splitlines()[-30:]
+        pytest.fail(f"the exerciser died of signal {-r.returncode}; its last operations:\n"
+                    + "\n".join(last) + "\n" + r.stderr[-2000:])
+    assert r.returncode == 0, f"{r.stdout}{r.stderr[-2000:]}"
+
+
 @pytest.mark.parametrize("seed", range(RUNS))
 def test_random_io_like_local_disk(mount: Mount, tmp_path: Path, seed: int) -> None:
-    log = tmp_path / "operations.log"
+    """Replay a failure and shrink it: ``python tests/random_io.py MNT_DIR DISK_DIR --seed S
+    --ops 2000 --shrink`` on a mount."""
     mnt = mount.path / "random_io" / f"seed{seed}"
     mnt.parent.mkdir(exist_ok=True)
-    r = subprocess.run(
-        [sys.executable, os.fspath(EXERCISER), os.fspath(mnt), os.fspath(tmp_path / "disk"),
-         "--seed", str(seed), "--ops", str(OPS_PER_RUN), "--log", os.fspath(log)],
-        capture_output=True, text=True, timeout=600, check=False)
-    if r.returncode < 0:  # killed by a signal (SIGBUS on a mapped read)
-        last = log.read_text().splitlines()[-30:]
-        pytest.fail(f"the exerciser died of signal {-r.returncode} (seed {seed}); its last"
-                    " operations:\n" + "\n".join(last) + "\n" + r.stderr[-2000:])
-    assert r.returncode == 0, (
-        f"{r.stdout}{r.stderr[-2000:]}\nreplay and shrink: python {EXERCISER} MNT_DIR DISK_DIR"
-        f" --seed {seed} --ops {OPS_PER_RUN} --shrink")
+    run_exerciser(mnt, tmp_path / "disk", "--seed", str(seed), "--ops", str(OPS_PER_RUN))
 
 
 def rewrite_under_a_reader(d: Path, rewrite: str) -> tuple[bytes, bytes]:
@@ -101,3 +107,37 @@ def test_reader_opened_while_a_duplicate_writes_shares_the_file(mount: Mount) ->
     finally:
         os.close(kept)
     assert p.read_bytes() == b"new"
+
+
+# Sequences that returned wrong bytes (or none) before, as tests/random_io.py operations:
+# each truncate, mmap or reopen left a descriptor reading an older version of the file.
+PINNED = {
+    "truncate-down-up-after-reopen": [
+        ("open", 0, "f0", os.O_RDWR), ("write", 0, 0, 1, 0x3A2F5), ("close", 0),
+        ("open", 0, "f0", os.O_RDWR), ("ftruncate", 0, 0xFD21),
+        ("write", 0, 0x14F60, 2, 0x232F8 - 0x14F60), ("mapread", 0, 0x2C78, 0x1284E - 0x2C78),
+        ("close", 0), ("open", 0, "f0", os.O_RDWR), ("read", 0, 0x20A57, 0x232F8 - 0x20A57),
+        ("ftruncate", 0, 0x39D01), ("ftruncate", 0, 0x195D), ("close", 0),
+        ("open", 0, "f0", os.O_RDWR), ("read", 0, 0x1653, 0x195C - 0x1653),
+        ("ftruncate", 0, 0x2945E), ("ftruncate", 0, 0x61B6), ("read", 0, 0x1EB0, 0x4306),
+    ],
+    "mapped-write-then-cut-then-grow": [
+        ("open", 3, "f1", os.O_RDWR), ("write", 3, 0x183, 3, 0x98E3),
+        ("mapwrite", 3, 0x6591, 4, 0x11), ("ftruncate", 3, 0x89F1),
+        ("write", 3, 0x93CD, 5, 0x1000), ("mapread", 3, 0x6844, 0x1001),
+    ],
+    "append-after-truncate-by-name": [
+        ("open", 1, "f0", os.O_RDWR | os.O_APPEND), ("truncate", 1, 0x1720),
+        ("mapwrite", 1, 0x454, 6, 0x1000), ("ftruncate", 1, 0xCD9), ("write", 1, 0x6C5, 7, 1),
+        ("truncate", 1, 0x2B724),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_pinned_sequence(mount: Mount, tmp_path: Path, name: str) -> None:
+    mnt = mount.path / "pinned" / name
+    mnt.parent.mkdir(exist_ok=True)
+    ops = tmp_path / "ops.json"
+    ops.write_text(json.dumps(PINNED[name]))
+    run_exerciser(mnt, tmp_path / "disk", "--replay", os.fspath(ops))
