@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
@@ -111,3 +113,42 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def server_in_thread(data_dir: Path, *, token: str | None = None) -> Iterator[str]:
+    """``running_server`` in a thread of its own trio loop, for synchronous tests (fsspec,
+    pandas) that block while the server answers; yields the server's URL."""
+    started = threading.Event()
+    state: dict[str, Any] = {}
+
+    async def serve() -> None:
+        async with running_server(data_dir, token=token) as srv:
+            state["url"] = srv.url
+            state["trio_token"] = trio.lowlevel.current_trio_token()
+            state["stop"] = stop = trio.Event()
+            started.set()
+            await stop.wait()
+
+    def run() -> None:
+        try:
+            trio.run(serve)
+        except BaseException as exc:
+            state["error"] = exc
+        finally:
+            started.set()
+
+    thread = threading.Thread(target=run, name="http-server", daemon=True)
+    thread.start()
+    started.wait(60)
+    if "url" not in state:
+        thread.join(5)
+        raise RuntimeError(f"the HTTP server did not start: {state.get('error')!r}")
+    try:
+        yield state["url"]
+    finally:
+        trio.from_thread.run_sync(state["stop"].set, trio_token=state["trio_token"])
+        thread.join(60)
+        assert not thread.is_alive(), "the HTTP server did not stop"
+        if "error" in state:
+            raise state["error"]
