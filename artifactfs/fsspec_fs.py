@@ -337,10 +337,12 @@ class ArtifactFileSystem(AbstractFileSystem):
 
     def cp_file(self, path1: str, path2: str, **kwargs: Any) -> None:
         """Copy through this client (the API has no server-side copy), keeping the mime type."""
-        with self.open(path1, "rb") as src:
-            mime_type = src.details["mime_type"]
-            with self.open(path2, "wb", mime_type=mime_type) as dst:
-                shutil.copyfileobj(src, dst, PUT_CHUNK)
+        info = self.info(path1)
+        if info["type"] == "directory":
+            return  # a directory comes with the keys copied under it
+        with (self.open(path1, "rb", details=info) as src,
+              self.open(path2, "wb", mime_type=info["mime_type"]) as dst):
+            shutil.copyfileobj(src, dst, PUT_CHUNK)
 
     def _refuse_existing(self, key: str) -> None:
         # Checked, then written: another writer in between wins silently (the API has no
@@ -423,7 +425,7 @@ class ArtifactFileSystem(AbstractFileSystem):
             raise NotImplementedError("artifactfs cannot append: an artifact is written whole")
         if mode == "xb":
             self._refuse_existing(key)
-        if mode == "rb":
+        if mode == "rb" and kwargs.get("details") is None:
             kwargs["details"] = self._file_info(key)
         return ArtifactFile(self, key, mode, block_size, autocommit,
                             cache_options=cache_options, **kwargs)
