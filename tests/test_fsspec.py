@@ -9,6 +9,7 @@ import hashlib
 import io
 import os
 import random
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -430,3 +431,33 @@ def test_empty_directories_made_in_the_mount_do_not_show(mount: Mount) -> None:
     assert (mount.path / "proj/new").is_dir()  # the mount keeps the emptied directory
     assert not fs.exists("proj/new")
     assert fs.find("", withdirs=True) == ["proj", "proj/data", "proj/data/x.csv"]
+
+
+# --- the documentation's examples ----------------------------------------------------------
+
+FSSPEC_DOC = Path(__file__).resolve().parent.parent / "docs" / "FSSPEC.md"
+
+
+def test_the_documented_examples_run(tmp_path: Path) -> None:
+    """docs/FSSPEC.md's Python blocks run as written against a token-free server (the first
+    names the default address, which is replaced by this server's)."""
+    blocks = re.findall(r"```python\n(.*?)```", FSSPEC_DOC.read_text(), re.S)
+    assert len(blocks) == 2, "docs/FSSPEC.md lost an example"
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results/summary.json").write_text('{"acc": 0.9}')
+    with server_in_thread(tmp_path / "data") as url:
+        env = {**os.environ, "ARTIFACTFS_URL": url}
+        env.pop("ARTIFACTFS_TOKEN", None)
+        outputs = []
+        for code in blocks:
+            assert "http://127.0.0.1:8321" in code or "ARTIFACTFS_URL" in code
+            r = subprocess.run([sys.executable, "-c", code.replace("http://127.0.0.1:8321", url)],
+                               cwd=tmp_path, env=env, capture_output=True, text=True,
+                               timeout=60, check=False)
+            assert r.returncode == 0, r.stderr
+            outputs.append(r.stdout)
+        fs = ArtifactFileSystem(base_url=url, skip_instance_cache=True)
+        assert fs.cat("runs/run7/results/summary.json") == b'{"acc": 0.9}'
+    assert "0.3" in outputs[0] and outputs[0].count("loss") == 2
+    assert "runs/run7/results" in outputs[1] and "'mime_type': 'text/csv'" in outputs[1]
+    assert "step,loss" in outputs[1]
