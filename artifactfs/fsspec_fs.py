@@ -366,22 +366,33 @@ class ArtifactFileSystem(AbstractFileSystem):
         digest = FileDigest(f)
         offset = 0
         lost = busy = 0
+        resync = False
         while True:
+            if resync:
+                try:
+                    where = self._session_offset(uri, key, digest, size)
+                except ConnectionError:
+                    lost += 1
+                    if lost > UPLOAD_RETRIES:
+                        raise
+                    time.sleep(RETRY_WAIT * lost)
+                    continue
+                if isinstance(where, dict):
+                    return where  # the lost answer was the commit
+                callback.relative_update(where - offset)
+                offset, resync = where, False
             f.seek(offset)
             chunk = f.read(min(PUT_CHUNK, size - offset))
             try:
                 r = self.http.post(uri, content=chunk, headers={
                     "Upload-Offset": str(offset), "Content-Type": "application/octet-stream"})
             except httpx.TransportError as exc:
+                # Some, all or none of the chunk arrived: the session's offset will say.
                 lost += 1
                 if lost > UPLOAD_RETRIES:
                     raise _unreachable(self.base_url, exc) from exc
                 time.sleep(RETRY_WAIT * lost)
-                resumed = self._session_offset(uri, key, digest, size)
-                if isinstance(resumed, dict):
-                    return resumed  # the lost answer was the commit
-                callback.relative_update(resumed - offset)
-                offset = resumed
+                resync = True
                 continue
             true_offset = _error_body(r).get("offset") if r.status_code == 409 else None
             if isinstance(true_offset, int) and true_offset != offset:

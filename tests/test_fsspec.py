@@ -264,42 +264,60 @@ def test_a_transaction_commits_at_its_end(fs: ArtifactFileSystem, root: str) -> 
 
 
 class FlakyTransport(httpx.BaseTransport):
-    """The real server, with one upload request lost: ``before`` drops it unsent, else the
-    server gets it and its answer is lost (the case that must not send bytes twice)."""
+    """The real server, with some requests to the upload session lost (counted from 1 over
+    the session's POSTs and GETs): in ``unsent`` the request never leaves, in ``unanswered``
+    the server gets it and its answer is lost (the case that must not send bytes twice)."""
 
-    def __init__(self, lose_post: int, before: bool) -> None:
+    def __init__(self, unsent: set[int], unanswered: set[int]) -> None:
         self.real = httpx.HTTPTransport()
-        self.lose_post, self.before = lose_post, before
+        self.unsent, self.unanswered = unsent, unanswered
+        self.seen = 0
         self.posts = 0
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        if request.method == "POST" and "/sessions/" in request.url.path:
-            self.posts += 1
-            if self.posts == self.lose_post:
-                if not self.before:
-                    self.real.handle_request(request).read()
+        if "/sessions/" in request.url.path:
+            self.seen += 1
+            self.posts += request.method == "POST"
+            if self.seen in self.unsent:
+                raise httpx.ConnectError("connection refused", request=request)
+            if self.seen in self.unanswered:
+                self.real.handle_request(request).read()
                 raise httpx.RemoteProtocolError("connection lost", request=request)
         return self.real.handle_request(request)
 
 
-@pytest.mark.parametrize(("lose_post", "before"), [(2, True), (2, False), (4, False)])
-def test_an_upload_survives_a_lost_connection(url: str, root: str, lose_post: int,
-                                              before: bool,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("unsent", "unanswered", "posts"), [
+    ({2}, set(), 5),         # chunk 2 never arrives: sent again
+    (set(), {2}, 4),         # chunk 2 arrives, its answer is lost: not sent again
+    (set(), {4}, 4),         # the last chunk's answer is lost: the commit is found
+    ({3, 4}, {2}, 4),        # and the session's offset cannot be asked at first either
+])
+def test_an_upload_survives_lost_connections(url: str, root: str, unsent: set[int],
+                                             unanswered: set[int], posts: int,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """After a lost request the session's offset says what arrived; the rest is sent from
-    there. Losing the answer to the last chunk finds the committed artifact."""
+    there, never a byte twice."""
     monkeypatch.setattr(fsspec_fs, "PUT_CHUNK", 64 * KiB)
     monkeypatch.setattr(fsspec_fs, "RETRY_WAIT", 0.01)
     fs = ArtifactFileSystem(base_url=url, token=TOKEN, skip_instance_cache=True)
-    flaky = FlakyTransport(lose_post, before)
+    flaky = FlakyTransport(unsent, unanswered)
     fs.http = httpx.Client(base_url=url, headers=fs.http.headers, transport=flaky)
-    data = random.Random(lose_post).randbytes(4 * 64 * KiB)  # four chunks
+    data = random.Random(len(unsent)).randbytes(4 * 64 * KiB)  # four chunks
     artifact = fs.upload(f"{root}/f", io.BytesIO(data), len(data))
     assert artifact["sha256"] == hashlib.sha256(data).hexdigest()
     assert fs.cat(f"{root}/f") == data
-    # Four chunks; the lost one is sent again only when it never reached the server.
-    assert flaky.posts == 4 + before
-    fs.rm(f"{root}/f")
+    assert flaky.posts == posts
+
+
+def test_an_upload_gives_up_when_the_daemon_stays_away(url: str, root: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fsspec_fs, "RETRY_WAIT", 0.001)
+    fs = ArtifactFileSystem(base_url=url, token=TOKEN, skip_instance_cache=True)
+    fs.http = httpx.Client(base_url=url, headers=fs.http.headers,
+                           transport=FlakyTransport(set(range(1, 100)), set()))
+    with pytest.raises(ConnectionError, match="cannot reach the artifactfs daemon"):
+        fs.pipe(f"{root}/f", b"never")
+    assert not fs.exists(f"{root}/f")
 
 
 # --- listing and directories ---------------------------------------------------------------
