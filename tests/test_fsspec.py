@@ -8,6 +8,7 @@ import errno
 import hashlib
 import io
 import os
+import pickle
 import random
 import re
 import subprocess
@@ -425,6 +426,18 @@ def test_options_default_from_the_environment(url: str, monkeypatch: pytest.Monk
     fs.ls("")  # the token from the environment is accepted
     monkeypatch.delenv("ARTIFACTFS_URL")
     assert ArtifactFileSystem(skip_instance_cache=True).base_url == "http://127.0.0.1:8321"
+
+
+def test_a_pickled_file_system_and_file_work_elsewhere(fs: ArtifactFileSystem, root: str
+                                                       ) -> None:
+    """dask and multiprocessing ship the file system (and open files) to workers by pickle."""
+    fs.pipe(f"{root}/p.txt", b"pickled")
+    again = pickle.loads(pickle.dumps(fs))
+    assert again.cat(f"{root}/p.txt") == b"pickled"
+    with fs.open(f"{root}/p.txt", "rb") as f:
+        g = pickle.loads(pickle.dumps(f))
+    with g:
+        assert g.read() == b"pickled"
 
 
 # --- the mount's empty directories ---------------------------------------------------------
