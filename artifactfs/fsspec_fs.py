@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import IO, Any, BinaryIO, NoReturn
@@ -63,6 +64,9 @@ class ArtifactFileSystem(AbstractFileSystem):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.base_url, headers=headers,
                                  timeout=httpx.Timeout(timeout, connect=10.0))
+        # fsspec keeps instances for reuse and never closes them: close the connections when
+        # this one is collected, or at exit.
+        weakref.finalize(self, self.http.close)
 
     # --- paths -------------------------------------------------------------------------------
 

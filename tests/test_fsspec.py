@@ -19,6 +19,9 @@ from pathlib import Path
 import fsspec
 import httpx
 import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pa_ds
+import pyarrow.parquet as pq
 import pytest
 from httputil import server_in_thread
 from mountutil import Mount, mount_fixture
@@ -126,6 +129,25 @@ def test_pandas_writes_and_reads_through_artifactfs_urls(url: str, fs: ArtifactF
     info = fs.info(f"{root}/data.{kind}")
     assert info["mime_type"] == mime
     assert info["sha256"] == hashlib.sha256(fs.cat(f"{root}/data.{kind}")).hexdigest()
+
+
+def test_a_partitioned_dataset_through_pyarrow(url: str, fs: ArtifactFileSystem,
+                                                root: str) -> None:
+    """Directory partitioning (``label/x/...``) works; hive's ``label=x`` cannot be a key
+    (``=`` is not a key character), which pandas' ``partition_cols`` always writes."""
+    part = pa_ds.partitioning(pa.schema([("label", pa.string())]))
+    df = frame()
+    pq.write_to_dataset(pa.Table.from_pandas(df), f"{root}/ds", filesystem=fs,
+                        partitioning=part)
+    assert fs.ls(f"{root}/ds", detail=False) == [f"{root}/ds/{v}" for v in ["cat", "dog", "eel"]]
+    back = pd.read_parquet(f"artifactfs://{root}/ds", partitioning=part,
+                           storage_options={"base_url": url, "token": TOKEN})
+    back = back.sort_values("id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(back[["id", "score"]], df[["id", "score"]])
+    assert back["label"].astype(str).tolist() == df["label"].tolist()
+    with pytest.raises(OSError, match="contains '='"):
+        df.to_parquet(f"artifactfs://{root}/hive", partition_cols=["label"],
+                      storage_options={"base_url": url, "token": TOKEN})
 
 
 def test_pandas_without_the_token_is_refused(url: str, root: str) -> None:
