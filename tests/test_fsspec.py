@@ -71,7 +71,7 @@ class Recorder:
 # --- registration --------------------------------------------------------------------------
 
 
-def test_the_entry_point_names_the_class(url: str) -> None:
+def test_the_entry_point_names_the_class() -> None:
     from importlib.metadata import entry_points
 
     (ep,) = [e for e in entry_points(group="fsspec.specs") if e.name == "artifactfs"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import posixpath
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import fsspec.tests.abstract as abstract
 import pytest
@@ -64,10 +63,3 @@ class TestArtifactOpen(abstract.AbstractOpenTests, ArtifactFixtures):
 class TestArtifactPipe(abstract.AbstractPipeTests, ArtifactFixtures):
     pass
 
-
-def test_the_suite_ran_against_a_store(server_url: str, tmp_path: Path) -> None:
-    """The suite's fixtures reach this server: what they write is readable here."""
-    fs = ArtifactFileSystem(base_url=server_url, skip_instance_cache=True)
-    fs.pipe("abstract/probe.txt", b"probe")
-    assert fs.cat("abstract/probe.txt") == b"probe"
-    fs.rm("abstract/probe.txt")
