@@ -62,4 +62,3 @@ class TestArtifactOpen(abstract.AbstractOpenTests, ArtifactFixtures):
 
 class TestArtifactPipe(abstract.AbstractPipeTests, ArtifactFixtures):
     pass
-
