@@ -29,6 +29,7 @@ import weakref
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import IO, Any, BinaryIO, NoReturn
+from urllib.parse import quote
 
 import httpx
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback
@@ -366,7 +367,9 @@ class ArtifactFileSystem(AbstractFileSystem):
         r = self._request("POST", "/v1/artifacts",
                           json={"key": key, "mime_type": mime_type, "size": size})
         session = _ok(r, key).json()
-        uri = f"/v1/artifacts/sessions/{session['id']}"
+        # The session's path under our base_url, not its uri: behind a proxy or on a wildcard
+        # bind, the daemon's idea of its own address may not be the one that reaches it.
+        uri = f"/v1/artifacts/sessions/{quote(str(session['id']), safe='')}"
         digest = FileDigest(f)
         offset = 0
         lost = busy = 0
