@@ -5,6 +5,7 @@
     artifactfs umount MOUNTPOINT
     artifactfs serve --http ADDR [--data DIR] [--token T]
     artifactfs put FILE KEY | get KEY [FILE] | ls [PREFIX] | info KEY | rm KEY...   (over HTTP)
+    artifactfs put -r DIR PREFIX | get -r PREFIX [DIR] | sync SRC DST [--delete]  (folders)
     artifactfs fsck [--data DIR] [--repair]
 """
 
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_HTTP = "127.0.0.1:8321"
+DEFAULT_JOBS = 4  # files at once in a folder transfer: enough to hide per-file round trips
 
 
 def _data_arg(p: argparse.ArgumentParser) -> None:
@@ -29,6 +31,16 @@ def _client_args(p: argparse.ArgumentParser) -> None:
                    help="the daemon's HTTP URL (default: $ARTIFACTFS_URL or the local daemon)")
     p.add_argument("--token", default=os.environ.get("ARTIFACTFS_TOKEN"),
                    help="bearer token (default: $ARTIFACTFS_TOKEN)")
+
+
+def _folder_args(p: argparse.ArgumentParser, *, recursive: bool = True) -> None:
+    if recursive:
+        p.add_argument("-r", "--recursive", action="store_true",
+                       help="a folder: every file below it, keys joined with '/'")
+    p.add_argument("-j", "--jobs", type=int, default=DEFAULT_JOBS,
+                   help=f"with -r: files transferred at once (default {DEFAULT_JOBS})")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with -r: print what would be sent (and deleted); change nothing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,15 +82,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=os.environ.get("ARTIFACTFS_TOKEN"))
     p.add_argument("--sync", action="store_true")
 
-    p = sub.add_parser("put", help="upload FILE as KEY (resumable: run again to continue)")
-    p.add_argument("file", type=Path)
-    p.add_argument("key")
+    p = sub.add_parser("put", help="upload FILE as KEY, or with -r the folder DIR under PREFIX"
+                                   " (resumable: run again to continue)")
+    p.add_argument("file", metavar="FILE|DIR")
+    p.add_argument("key", metavar="KEY|PREFIX")
     p.add_argument("--mime-type", default=None)
+    _folder_args(p)
     _client_args(p)
 
-    p = sub.add_parser("get", help="download KEY to FILE (default: its base name; - = stdout)")
-    p.add_argument("key")
-    p.add_argument("file", nargs="?", default=None)
+    p = sub.add_parser("get", help="download KEY to FILE (default: its base name; - = stdout),"
+                                   " or with -r every artifact under PREFIX into DIR")
+    p.add_argument("key", metavar="KEY|PREFIX")
+    p.add_argument("file", metavar="FILE|DIR", nargs="?", default=None)
+    _folder_args(p)
+    _client_args(p)
+
+    p = sub.add_parser("sync", help="make DST hold what SRC holds, one side a local folder and"
+                                    " the other a prefix (:PREFIX always names the store)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--delete", action="store_true",
+                   help="after every copy succeeded, delete what DST holds and SRC lacks")
+    _folder_args(p, recursive=False)
     _client_args(p)
 
     p = sub.add_parser("ls", help="list artifacts")

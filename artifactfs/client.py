@@ -19,9 +19,9 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import quote
 
 import httpx
@@ -36,6 +36,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from .cli import DEFAULT_JOBS
 from .models import mime_type_for_name
 
 log = logging.getLogger("artifactfs.client")
@@ -54,7 +55,7 @@ class CommandError(Exception):
 
 def run_command(args: argparse.Namespace) -> int:
     """Run put, get, ls, info or rm as parsed by artifactfs.cli; the exit status."""
-    commands = {"put": put, "get": get, "ls": ls, "info": info, "rm": rm}
+    commands = {"put": put, "get": get, "ls": ls, "info": info, "rm": rm, "sync": sync}
     if not getattr(args, "verbose", False):
         # httpx logs every request at INFO; a command's output is its result, not its traffic.
         logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -77,8 +78,9 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"artifactfs: HTTP error talking to {args.url}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        hint = "; run the same command again to continue the upload" if (
-            args.command == "put") else ""
+        hint = "; run the same command again to continue" if (
+            args.command == "put" or getattr(args, "recursive", False)
+            or args.command == "sync") else ""
         print(f"artifactfs: interrupted{hint}", file=sys.stderr)
         return 130
 
@@ -112,6 +114,20 @@ def _check(r: httpx.Response) -> httpx.Response:
     if r.status_code >= 400:
         raise CommandError(f"{_detail(r)} (HTTP {r.status_code})")
     return r
+
+
+class Bar(Protocol):
+    """The progress display of one file's transfer: told each block that moved."""
+
+    def advance(self, n: int) -> None: ...
+
+    def __enter__(self) -> Bar: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+# (description, total bytes or None, bytes already there) -> the file's Bar
+BarFactory = Callable[[str, "int | None", int], Bar]
 
 
 class Transfer:
@@ -151,7 +167,8 @@ def _cache_dir() -> Path:
     return Path(base) / "artifactfs" / "uploads"
 
 
-def _state_file(path: Path, st: os.stat_result, key: str, url: str) -> Path:
+def upload_state_file(path: Path, st: os.stat_result, key: str, url: str) -> Path:
+    """Where put remembers the session of ``path`` (absolute) going to ``key`` at ``url``."""
     # A changed file (size or mtime) or another target is another upload: a fresh session.
     ident = json.dumps([str(path), st.st_size, st.st_mtime_ns, key, url.rstrip("/")])
     return _cache_dir() / (hashlib.sha256(ident.encode()).hexdigest()[:32] + ".json")
@@ -175,37 +192,71 @@ def _resumable_session(http: httpx.Client, state: Path, size: int) -> dict[str, 
     return dict(body)
 
 
+def _single_file_only(args: argparse.Namespace) -> None:
+    if args.dry_run or args.jobs != DEFAULT_JOBS:
+        raise CommandError(f"-j and --dry-run go with '{args.command} -r' (folders)")
+
+
+def sync(http: httpx.Client, args: argparse.Namespace) -> None:
+    from . import transfer
+
+    transfer.sync(http, args)
+
+
 def put(http: httpx.Client, args: argparse.Namespace) -> None:
-    path = Path(args.file).resolve()
+    if args.recursive:
+        from . import transfer
+
+        transfer.put_folder(http, args)
+        return
+    _single_file_only(args)
+    if Path(args.file).is_dir():
+        raise CommandError(f"{args.file} is a directory; 'put -r DIR PREFIX' uploads a folder")
+    artifact = put_file(http, Path(args.file), args.key, args.url, mime_type=args.mime_type)
+    print(f"{artifact['key']}\t{artifact['size']}\t{artifact.get('sha256') or ''}")
+
+
+def _say(message: str) -> None:
+    print(f"artifactfs: {message}", file=sys.stderr)
+
+
+def put_file(http: httpx.Client, file: Path, key: str, url: str, *,
+             mime_type: str | None = None, bar: BarFactory | None = None,
+             note: Callable[[str], None] = _say) -> dict[str, Any]:
+    """Upload ``file`` as ``key``, resuming the session an interrupted run left; the artifact.
+
+    ``bar`` makes the progress display (default: a bar of this file alone); ``note`` tells the
+    user about a resumed upload.
+    """
+    path = file.resolve()
     try:
         st = path.stat()
         f: BinaryIO = path.open("rb")
     except OSError as exc:
-        raise CommandError(f"cannot read {args.file}: {exc.strerror}") from None
-    mime = args.mime_type or mime_type_for_name(args.key.rpartition("/")[2])
-    if mime == "application/octet-stream" and not args.mime_type:
+        raise CommandError(f"cannot read {file}: {exc.strerror}") from None
+    mime = mime_type or mime_type_for_name(key.rpartition("/")[2])
+    if mime == "application/octet-stream" and not mime_type:
         mime = mime_type_for_name(path.name)
-    state = _state_file(path, st, args.key, args.url)
+    state = upload_state_file(path, st, key, url)
     with f:
         session = _resumable_session(http, state, st.st_size)
         if session is None:
             session = _check(http.post("/v1/artifacts", json={
-                "key": args.key, "mime_type": mime, "size": st.st_size})).json()
+                "key": key, "mime_type": mime, "size": st.st_size})).json()
             state.parent.mkdir(parents=True, exist_ok=True)
             state.write_text(json.dumps({"id": session["id"], "file": str(path),
-                                         "key": args.key, "url": args.url}))
+                                         "key": key, "url": url}))
         elif session["offset"]:
-            print(f"artifactfs: resuming the upload of {args.key} at byte {session['offset']}"
-                  f" of {st.st_size}", file=sys.stderr)
+            note(f"resuming the upload of {key} at byte {session['offset']} of {st.st_size}")
         digest = FileDigest(f)
-        artifact = _send(http, f, session, args.key, digest)
+        artifact = _send(http, f, session, key, digest, bar or Transfer)
         local_sha = digest.finish(st.st_size)
     state.unlink(missing_ok=True)
     if artifact.get("sha256") and artifact["sha256"] != local_sha:
         raise CommandError(
-            f"{args.key} was stored with sha256 {artifact['sha256']} but {args.file} has"
+            f"{key} was stored with sha256 {artifact['sha256']} but {file} has"
             f" {local_sha}: did the file change during the upload? Run put again")
-    print(f"{artifact['key']}\t{artifact['size']}\t{artifact.get('sha256') or ''}")
+    return artifact
 
 
 class FileDigest:
@@ -242,7 +293,7 @@ class FileDigest:
 
 
 def _send(http: httpx.Client, f: BinaryIO, session: dict[str, Any], key: str,
-          digest: FileDigest) -> dict[str, Any]:
+          digest: FileDigest, bar_factory: BarFactory) -> dict[str, Any]:
     """Send the file from the session's offset in chunks; the committed artifact."""
     size = int(session["size"])
     offset = int(session["offset"])
@@ -250,7 +301,7 @@ def _send(http: httpx.Client, f: BinaryIO, session: dict[str, Any], key: str,
     # bind the daemon's idea of its address may not be the one that reaches it from here.
     uri = f"/v1/artifacts/sessions/{quote(str(session['id']), safe='')}"
     busy = 0
-    with Transfer(f"put {key}", size, offset) as bar:
+    with bar_factory(f"put {key}", size, offset) as bar:
         while True:
             f.seek(offset)
             chunk = f.read(min(PUT_CHUNK, size - offset))
@@ -302,6 +353,14 @@ def _part_files(dest: Path) -> list[Path]:
     return sorted(dest.parent.glob(f".{glob.escape(dest.name)}.*{PART_SUFFIX}"))
 
 
+def part_target(name: str) -> str | None:
+    """The name of the file a partial download named ``name`` is for, or None if it is none."""
+    if not (name.startswith(".") and name.endswith(PART_SUFFIX)):
+        return None
+    target, dot, digest = name[1:-len(PART_SUFFIX)].rpartition(".")
+    return target if dot and target and len(digest) == 64 else None
+
+
 def _digest_of(etag: str | None) -> str | None:
     """The sha256 the daemon's ETag carries (a quoted hex digest), else None."""
     if etag and len(etag) == 66 and etag[0] == etag[-1] == '"':
@@ -310,14 +369,12 @@ def _digest_of(etag: str | None) -> str | None:
 
 
 def get(http: httpx.Client, args: argparse.Namespace) -> None:
-    """Download an artifact; into a file, resumably.
+    if args.recursive:
+        from . import transfer
 
-    The bytes go to a partial file beside the target, named by the version's sha256, and
-    are renamed over the target only once complete and verified against that digest. An
-    interrupted get leaves the partial file; the next get of the same key asks for the rest
-    with Range and If-Range, so it continues only if the artifact is still that version
-    (else it starts over and removes the stale part).
-    """
+        transfer.get_folder(http, args)
+        return
+    _single_file_only(args)
     target = args.file if args.file is not None else args.key.rpartition("/")[2]
     if target == "-":
         with http.stream("GET", key_path(args.key) + ":content") as r:
@@ -334,14 +391,29 @@ def get(http: httpx.Client, args: argparse.Namespace) -> None:
     dest = Path(target)
     if dest.is_dir():
         dest = dest / args.key.rpartition("/")[2]
-    parts = _part_files(dest)
+    get_file(http, args.key, dest)
+
+
+def get_file(http: httpx.Client, key: str, dest: Path, *, bar: BarFactory | None = None,
+             note: Callable[[str], None] = log.info, parts: list[Path] | None = None) -> str:
+    """Download ``key`` to the file ``dest``, resumably; the sha256 of what it wrote.
+
+    The bytes go to a partial file beside the target, named by the version's sha256, and
+    are renamed over the target only once complete and verified against that digest. An
+    interrupted get leaves the partial file; the next get of the same key asks for the rest
+    with Range and If-Range, so it continues only if the artifact is still that version
+    (else it starts over and removes the stale part). ``parts`` are the partial files of
+    ``dest`` when the caller has listed its folder already (else they are looked up).
+    """
+    bar_factory = bar or Transfer
+    parts = _part_files(dest) if parts is None else sorted(parts)
     part = parts[-1] if parts else None
     have = part.stat().st_size if part is not None else 0
     part_digest = part.name[:-len(PART_SUFFIX)].rpartition(".")[2] if part else None
     headers: dict[str, str] = {}
     if part is not None and have > 0:
         headers = {"Range": f"bytes={have}-", "If-Range": f'"{part_digest}"'}
-    with http.stream("GET", key_path(args.key) + ":content", headers=headers) as r:
+    with http.stream("GET", key_path(key) + ":content", headers=headers) as r:
         if r.status_code == 416 and part_digest is not None:
             # If-Range matched and nothing is left past the part: it holds every byte (the
             # check below says whether they are the right ones).
@@ -355,10 +427,10 @@ def get(http: httpx.Client, args: argparse.Namespace) -> None:
             digest = _digest_of(r.headers.get("etag"))
             length = int(r.headers.get("content-length", 0))
         if digest is None:
-            raise CommandError(f"{args.key}: the daemon sent no sha256 ETag; cannot verify")
+            raise CommandError(f"{key}: the daemon sent no sha256 ETag; cannot verify")
         resumed = r.status_code in (206, 416)
         if resumed:
-            log.info("resuming %s at byte %d", args.key, have)
+            note(f"resuming {key} at byte {have}")
         else:
             have = 0
         for stale in parts:
@@ -371,22 +443,23 @@ def get(http: httpx.Client, args: argparse.Namespace) -> None:
                 with open(part, "rb") as prefix:
                     while block := prefix.read(GET_CHUNK):
                         hasher.update(block)
-            with Transfer(f"get {args.key}", (have + length) or None, done=have) as bar:
+            with bar_factory(f"get {key}", (have + length) or None, have) as progress:
                 for chunk in r.iter_bytes(GET_CHUNK) if r.status_code != 416 else ():
                     out.write(chunk)
                     hasher.update(chunk)
-                    bar.advance(len(chunk))
+                    progress.advance(len(chunk))
     if hasher.hexdigest() != digest:
         part.unlink(missing_ok=True)
-        raise CommandError(f"{args.key}: the downloaded bytes do not match sha256"
+        raise CommandError(f"{key}: the downloaded bytes do not match sha256"
                            f" {digest[:12]}; the partial file was removed, run get again")
     os.replace(part, dest)
+    return digest
 
 
 # --- ls, info, rm --------------------------------------------------------------------------
 
 
-def _all_artifacts(http: httpx.Client, prefix: str) -> Iterator[dict[str, Any]]:
+def all_artifacts(http: httpx.Client, prefix: str) -> Iterator[dict[str, Any]]:
     start = 0
     while True:
         params: dict[str, Any] = {"start_index": start, "limit": PAGE}
@@ -404,7 +477,7 @@ def _when(created_at: int) -> str:
 
 
 def ls(http: httpx.Client, args: argparse.Namespace) -> None:
-    rows = list(_all_artifacts(http, args.prefix))
+    rows = list(all_artifacts(http, args.prefix))
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -430,5 +503,9 @@ def info(http: httpx.Client, args: argparse.Namespace) -> None:
 
 
 def rm(http: httpx.Client, args: argparse.Namespace) -> None:
-    _check(http.post("/v1/artifacts/bulk",
-                     json={"artifacts": [{"key": k} for k in args.keys]}))
+    delete_keys(http, args.keys)
+
+
+def delete_keys(http: httpx.Client, keys: list[str]) -> None:
+    """Delete every key or, when one cannot go (absent, invalid), none of them."""
+    _check(http.post("/v1/artifacts/bulk", json={"artifacts": [{"key": k} for k in keys]}))
