@@ -8,7 +8,11 @@ that nursery, which ends exactly the server it started, then closes the store.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -21,6 +25,8 @@ import trio
 
 from artifactfs import ArtifactStore, open_store
 from artifactfs.http.server import serve_http
+
+ARTIFACTFS = str(Path(sys.executable).with_name("artifactfs"))
 
 
 @dataclass
@@ -152,3 +158,67 @@ def server_in_thread(data_dir: Path, *, token: str | None = None) -> Iterator[st
         assert not thread.is_alive(), "the HTTP server did not stop"
         if "error" in state:
             raise state["error"]
+
+async def run_cli(url: str, cwd: Path, *args: str, token: str | None = None
+                  ) -> subprocess.CompletedProcess[bytes]:
+    """Run the `artifactfs` command against ``url`` in ``cwd`` (its upload state kept in
+    ``cwd/cache``); its exit status, stdout and stderr, whatever they are."""
+    env = {**os.environ, "ARTIFACTFS_URL": url, "XDG_CACHE_HOME": str(cwd / "cache"),
+           "COLUMNS": "200"}
+    env.pop("ARTIFACTFS_TOKEN", None)
+    if token:
+        env["ARTIFACTFS_TOKEN"] = token
+    return await trio.run_process([ARTIFACTFS, *args], capture_stdout=True,
+                                  capture_stderr=True, check=False, env=env, cwd=cwd)
+
+
+class DaemonProcess:
+    """`artifactfs serve` as a process of its own on a fixed port, so a test can SIGKILL it and
+    start it again on the same data directory and address."""
+
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: trio.Process | None = None
+
+    async def start(self) -> None:
+        with open(self.data_dir.parent / "serve.log", "ab") as log:  # the child keeps a copy
+            self.proc = await trio.lowlevel.open_process(
+                [ARTIFACTFS, "serve", "--http", f"127.0.0.1:{self.port}", "--data",
+                 str(self.data_dir)], stdout=subprocess.DEVNULL, stderr=log)
+        async with httpx.AsyncClient(base_url=self.url) as c:
+            with trio.fail_after(30):
+                while True:
+                    try:
+                        await c.get("/v1/artifacts", params={"limit": 1})
+                        return
+                    except httpx.TransportError:
+                        assert self.proc.poll() is None, "artifactfs serve exited at start"
+                        await trio.sleep(0.05)
+
+    async def kill(self) -> None:
+        """SIGKILL: a crash, nothing flushed or closed."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)  # the process this helper started, by handle
+        await self.proc.wait()
+        self.proc = None
+
+    async def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            with trio.fail_after(30):
+                await self.proc.wait()
+            self.proc = None
+
+
+@contextlib.asynccontextmanager
+async def daemon_process(data_dir: Path) -> AsyncIterator[DaemonProcess]:
+    d = DaemonProcess(data_dir)
+    await d.start()
+    try:
+        yield d
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.kill()
+            await d.proc.wait()

@@ -8,17 +8,15 @@ import json
 import os
 import random
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import trio
-from httputil import Server, running_server
+from httputil import ARTIFACTFS, Server, run_cli, running_server
 
 pytestmark = pytest.mark.timeout(120)
 
-ARTIFACTFS = str(Path(sys.executable).with_name("artifactfs"))
 MiB = 1 << 20
 
 
@@ -30,13 +28,7 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
 
 async def cli(server: Server, tmp_path: Path, *args: str, ok: bool = True,
               token: str | None = None) -> subprocess.CompletedProcess[bytes]:
-    env = {**os.environ, "ARTIFACTFS_URL": server.url,
-           "XDG_CACHE_HOME": str(tmp_path / "cache"), "COLUMNS": "200"}
-    env.pop("ARTIFACTFS_TOKEN", None)
-    if token:
-        env["ARTIFACTFS_TOKEN"] = token
-    r = await trio.run_process([ARTIFACTFS, *args], capture_stdout=True, capture_stderr=True,
-                               check=False, env=env, cwd=tmp_path)
+    r = await run_cli(server.url, tmp_path, *args, token=token)
     if ok:
         assert r.returncode == 0, r.stderr.decode()
         # Not a terminal: no progress bar, no log lines, only the result.
