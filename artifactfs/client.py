@@ -6,6 +6,9 @@ upload session in a small state file keyed by (absolute path, size, mtime, key, 
 the same command again after an interruption asks the session for its offset and sends only
 the rest. Transfers show a progress bar (rich) on a terminal once they take longer than a
 moment; when stderr is not a terminal nothing but results and errors are printed.
+
+``put -r``, ``get -r`` and ``sync`` (folders) live in artifactfs.transfer, on top of this
+module's single-file ``put_file`` and ``get_file``.
 """
 
 from __future__ import annotations
@@ -62,8 +65,10 @@ def run_command(args: argparse.Namespace) -> int:
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
     timeout = httpx.Timeout(120.0, connect=10.0)
     try:
+        # A folder transfer runs -j files at once: keep a connection alive for each.
+        limits = httpx.Limits(max_keepalive_connections=max(20, getattr(args, "jobs", 1)))
         with httpx.Client(base_url=args.url.rstrip("/"), headers=headers,
-                          timeout=timeout) as http:
+                          timeout=timeout, limits=limits) as http:
             commands[args.command](http, args)
         return 0
     except CommandError as exc:
