@@ -309,17 +309,17 @@ class Plan:
 
 def finish(args: argparse.Namespace, plan: Plan, results: list[Result],
            stopped: str | None, delete: Callable[[list[str]], list[tuple[str, str]]] | None,
-           started: float) -> None:
+           moved: int, started: float) -> None:
     """Print what was done (or, with --dry-run, would be); delete the extras when asked and
-    every copy succeeded; raise CommandError when anything failed."""
+    every copy succeeded; raise CommandError when anything failed. ``moved``: the bytes this
+    run sent or received."""
     dry = args.dry_run
     failures = list(plan.failures) + [(shown(r.item.rel), r.why) for r in results
                                        if r.outcome is Outcome.FAILED]
     count = {o: 0 for o in Outcome}
-    moved = 0
     for r in results:
         count[r.outcome] += 1
-        if r.outcome in (Outcome.SENT, Outcome.WOULD):
+        if r.outcome is Outcome.WOULD:
             moved += r.item.size
     if dry:
         for r in sorted(results, key=lambda r: r.item.rel):
@@ -372,7 +372,7 @@ def transfer(args: argparse.Namespace, plan: Plan,
         results, stopped = run_all(plan.items, work, display, jobs, args.url)
     finally:
         display.close()
-    finish(args, plan, results, stopped, delete, started)
+    finish(args, plan, results, stopped, delete, display.moved, started)
 
 
 # --- put -r: a folder into the store -------------------------------------------------------
