@@ -34,13 +34,14 @@ def _client_args(p: argparse.ArgumentParser) -> None:
 
 
 def _folder_args(p: argparse.ArgumentParser, *, recursive: bool = True) -> None:
+    only = "with -r: " if recursive else ""
     if recursive:
         p.add_argument("-r", "--recursive", action="store_true",
                        help="a folder: every file below it, keys joined with '/'")
     p.add_argument("-j", "--jobs", type=int, default=DEFAULT_JOBS,
-                   help=f"with -r: files transferred at once (default {DEFAULT_JOBS})")
+                   help=f"{only}files transferred at once (default {DEFAULT_JOBS})")
     p.add_argument("--dry-run", action="store_true",
-                   help="with -r: print what would be sent (and deleted); change nothing")
+                   help=f"{only}print what would be sent (and deleted); change nothing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sync", help="make DST hold what SRC holds, one side a local folder and"
                                     " the other a prefix (:PREFIX always names the store)")
-    p.add_argument("src")
-    p.add_argument("dst")
+    p.add_argument("src", metavar="SRC", help="a local folder, or a prefix (:PREFIX)")
+    p.add_argument("dst", metavar="DST", help="a prefix (:PREFIX), or a local folder")
     p.add_argument("--delete", action="store_true",
                    help="after every copy succeeded, delete what DST holds and SRC lacks")
     _folder_args(p, recursive=False)
