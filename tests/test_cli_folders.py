@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -18,7 +19,14 @@ import httpx
 import pytest
 import trio
 from conftest import SCALE
-from httputil import DaemonProcess, Server, daemon_process, run_cli, running_server
+from httputil import (
+    ARTIFACTFS,
+    DaemonProcess,
+    Server,
+    daemon_process,
+    run_cli,
+    running_server,
+)
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -279,6 +287,56 @@ async def kill_when(daemon: DaemonProcess, ready: Callable[[httpx.AsyncClient], 
     return bg.result
 
 
+async def upload_reached(c: httpx.AsyncClient, uploads: Path, offset: int) -> bool:
+    """Whether an upload session the command remembers in ``uploads`` holds ``offset`` bytes."""
+    for state in uploads.glob("*.json") if uploads.exists() else ():
+        try:
+            sid = json.loads(state.read_text())["id"]
+        except (OSError, ValueError):
+            continue  # being written
+        r = await c.get(f"/v1/artifacts/sessions/{sid}")
+        if r.status_code == 200 and r.json().get("offset", 0) >= offset:
+            return True
+    return False
+
+
+async def test_ctrl_c_stops_at_once_and_the_rerun_resumes(
+        server: Server, tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    digests = {f"p/f{i}.bin": write_big(tmp_path / "src" / f"f{i}.bin", 40 * MiB, i)
+               for i in range(3)}
+    uploads = tmp_path / "cache" / "artifactfs" / "uploads"
+    env = {**os.environ, "ARTIFACTFS_URL": server.url, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = await trio.lowlevel.open_process(
+        [ARTIFACTFS, "put", "-r", "src", "p", "-j", "2"], cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        with trio.fail_after(120):
+            while not await upload_reached(server.client, uploads, 9 * MiB):
+                assert proc.poll() is None, "the transfer ended before the interrupt"
+                await trio.sleep(0.02)
+        proc.send_signal(signal.SIGINT)  # the process this test started, by its handle
+        with trio.fail_after(20):  # running files stop at their next chunk
+            status = await proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.stderr is not None
+    err = (await proc.stderr.receive_some(1 << 16)).decode()
+    assert status == 130, err
+    assert err.splitlines()[-1] == ("artifactfs: interrupted; run the same command again to"
+                                    " continue")
+    assert len(await listing(server.client, "p/")) < 3
+    sessions = count_calls(server, "create_upload_session")
+    r = await run_cli(server.url, tmp_path, "put", "-r", "src", "p")
+    assert r.returncode == 0, r.stderr.decode()
+    assert "artifactfs: resuming the upload of p/f" in r.stderr.decode()
+    assert sessions[0] < 3  # at least one file went on in the session it had
+    rows = await listing(server.client, "p/")
+    assert {k: a["sha256"] for k, a in rows.items()} == digests
+
+
 def assert_stopped(r: subprocess.CompletedProcess[bytes]) -> None:
     err = r.stderr.decode()
     assert r.returncode == 1, err
@@ -342,15 +400,7 @@ async def test_big_files_resume_after_the_daemon_is_killed(tmp_path: Path) -> No
     uploads = tmp_path / "cache" / "artifactfs" / "uploads"
 
     async def upload_under_way(c: httpx.AsyncClient) -> bool:
-        for state in uploads.glob("*.json") if uploads.exists() else ():
-            try:
-                sid = json.loads(state.read_text())["id"]
-            except (OSError, ValueError):
-                continue
-            r = await c.get(f"/v1/artifacts/sessions/{sid}")
-            if r.status_code == 200 and r.json().get("offset", 0) >= size // 3:
-                return True
-        return False
+        return await upload_reached(c, uploads, size // 3)
 
     async with daemon_process(tmp_path / "data") as daemon:
         r = await kill_when(daemon, upload_under_way, tmp_path, "put", "-r", "src", "big",
