@@ -33,6 +33,7 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
@@ -135,16 +136,19 @@ class Bar(Protocol):
 BarFactory = Callable[[str, "int | None", int], Bar]
 
 
+def byte_columns() -> tuple[ProgressColumn, ...]:
+    """A transfer's progress after its label: the bar, bytes, rate and time left."""
+    return (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+
+
 class Transfer:
     """A progress bar that appears only if the transfer is still running after a moment."""
 
     def __init__(self, description: str, total: int | None, done: int = 0) -> None:
         self.console = Console(stderr=True)
         self.enabled = self.console.is_terminal
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-            TransferSpeedColumn(), TimeRemainingColumn(), console=self.console,
-            transient=False)
+        self.progress = Progress(TextColumn("{task.description}"), *byte_columns(),
+                                 console=self.console, transient=False)
         self.task = self.progress.add_task(description, total=total, completed=done)
         self.started_at = time.monotonic()
         self.shown = False

@@ -31,18 +31,12 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 from rich.filesize import decimal
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from rich.progress import Progress, TextColumn
 
 from .client import (
     CommandError,
     all_artifacts,
+    byte_columns,
     delete_keys,
     get_file,
     part_target,
@@ -165,10 +159,8 @@ class Display:
         self.started = self.last_line = time.monotonic()
         self.progress: Progress | None = None
         if self.console.is_terminal:
-            self.progress = Progress(
-                TextColumn(what), TextColumn("{task.fields[files]}"), BarColumn(),
-                DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-                console=self.console)
+            self.progress = Progress(TextColumn(what), TextColumn("{task.fields[files]}"),
+                                     *byte_columns(), console=self.console)
             self.task = self.progress.add_task(what, total=total, files=self._files())
             self.progress.start()
 
