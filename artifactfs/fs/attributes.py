@@ -48,7 +48,7 @@ def entry_attributes(e: Entry, *, inode: int, subdirs: int = 0, nlink: int | Non
     attr.st_blksize = BLOCK_SIZE
     attr.st_blocks = (attr.st_size + 511) // 512
     attr.st_mtime_ns = e.mtime_ns
-    # No atime is kept (the mount is noatime); ctime is the last metadata change.
-    attr.st_atime_ns = e.mtime_ns
-    attr.st_ctime_ns = max(e.ctime_ns, e.mtime_ns)
+    # Reads never move atime (the mount is noatime): it changes by utimensat only.
+    attr.st_atime_ns = e.atime_ns
+    attr.st_ctime_ns = e.ctime_ns
     return attr

@@ -309,16 +309,23 @@ class Operations(pyfuse3.Operations):
                 # No session was open: the truncate committed a version of its own, which the
                 # inode's handles read from now on (they share the kernel's pages of it).
                 self._follow_new_version(None, e)
-        if fields.update_mode or fields.update_uid or fields.update_gid or fields.update_mtime:
+        if (fields.update_mode or fields.update_uid or fields.update_gid
+                or fields.update_mtime or fields.update_atime):
             # One of these arrives before every written file closes (the writeback cache's
             # mtime): each query saved here counts (docs/PLATFORM.md, The cost of a request).
+            # update_ctime (that same flush's ctime) is not taken: the store sets ctime.
             e = self.store.set_attrs(
                 entry_id,
                 mode=attr.st_mode if fields.update_mode else None,
                 uid=attr.st_uid if fields.update_uid else None,
                 gid=attr.st_gid if fields.update_gid else None,
                 mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+                atime_ns=attr.st_atime_ns if fields.update_atime else None,
             )
+            if fields.update_mtime and e.is_dir:
+                # The mtime set is the one to report, without a change number (_attrs): it
+                # differs from the one the kernel listed under, which drops that listing.
+                self._dir_changes.pop(entry_id, None)
         return self._attrs(e if e is not None else self.store.entry(entry_id))
 
     # --- directories -----------------------------------------------------------------------

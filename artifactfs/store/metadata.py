@@ -23,8 +23,8 @@ from .commitlog import BATCH_MAX, BATCH_WINDOW, CommitLog
 from .schema import ROOT_ID, create_schema
 
 ENTRY_COLUMNS = (
-    "id, parent_id, name, key, kind, mode, uid, gid, mtime_ns, ctime_ns, blob_id, size,"
-    " sha256, mime_type, created_at, epoch, target"
+    "id, parent_id, name, key, kind, mode, uid, gid, mtime_ns, ctime_ns, atime_ns, blob_id,"
+    " size, sha256, mime_type, created_at, epoch, target"
 )
 log = logging.getLogger("artifactfs.store")
 
@@ -50,6 +50,7 @@ class Entry:
     gid: int
     mtime_ns: int
     ctime_ns: int
+    atime_ns: int
     blob_id: str | None
     size: int
     sha256: str | None
@@ -475,10 +476,22 @@ class Metadata:
         new_id = self._new_id()
         self.conn.execute(
             "INSERT INTO entries (id, parent_id, name, key, kind, mode, uid, gid, mtime_ns,"
-            " ctime_ns, target) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (new_id, parent_id, name, key, kind, mode, uid, gid, now_ns, now_ns, target),
+            " ctime_ns, atime_ns, target) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (new_id, parent_id, name, key, kind, mode, uid, gid, now_ns, now_ns, now_ns,
+             target),
         )
         return new_id
+
+    def dirs_changed(self, now_ns: int, *dir_ids: int | None) -> None:
+        """The directories whose entries changed get mtime = ctime = ``now_ns`` (schema.py),
+        in the transaction that changed them: one statement for the usual one directory."""
+        ids = [i for i in dict.fromkeys(dir_ids) if i is not None]
+        if len(ids) == 1:
+            self.conn.execute("UPDATE entries SET mtime_ns = ?, ctime_ns = ? WHERE id = ?",
+                              (now_ns, now_ns, ids[0]))
+        elif ids:
+            self.conn.executemany("UPDATE entries SET mtime_ns = ?, ctime_ns = ? WHERE id = ?",
+                                  [(now_ns, now_ns, i) for i in ids])
 
     def _new_id(self) -> int:
         self._last_id += 1
@@ -508,11 +521,11 @@ class Metadata:
         lookup and an insert, and returns None, changing nothing, when no directory has that
         key or ``key`` is taken (the caller then looks why)."""
         new_id = self._last_id + 1
-        values = (new_id, name, key, mode, uid, gid, now_ns, now_ns, blob_id, size, sha256,
-                  mime_type, created_at, 0 if durable else self.flush_epoch)
+        values = (new_id, name, key, mode, uid, gid, now_ns, now_ns, now_ns, blob_id, size,
+                  sha256, mime_type, created_at, 0 if durable else self.flush_epoch)
         columns = ("INSERT INTO entries (id, name, key, kind, mode, uid, gid, mtime_ns,"
-                   " ctime_ns, blob_id, size, sha256, mime_type, created_at, epoch, parent_id)"
-                   " SELECT ?, ?, ?, 'file', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ")
+                   " ctime_ns, atime_ns, blob_id, size, sha256, mime_type, created_at, epoch,"
+                   " parent_id) SELECT ?, ?, ?, 'file', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ")
         if isinstance(parent, int):
             self.conn.execute(columns + "?", (*values, parent))
             parent_id = parent
@@ -541,6 +554,7 @@ class Metadata:
         mime_type: str,
         created_at: int,
         mtime_ns: int,
+        ctime_ns: int,
         durable: bool,
     ) -> None:
         if durable:
@@ -556,7 +570,7 @@ class Metadata:
         self.conn.execute(
             "UPDATE entries SET blob_id = ?, size = ?, sha256 = ?, mime_type = ?,"
             " created_at = ?, mtime_ns = ?, ctime_ns = ?, epoch = ? WHERE id = ?",
-            (blob_id, size, sha256, mime_type, created_at, mtime_ns, mtime_ns,
+            (blob_id, size, sha256, mime_type, created_at, mtime_ns, ctime_ns,
              0 if durable else self.flush_epoch, entry_id),
         )
         if not durable:

@@ -34,7 +34,16 @@ _SCHEMA = """
 --            transaction that moves it, so key == parent.key + '/' + name always holds.
 -- kind       'dir', 'file' or 'symlink'.
 -- mode, uid, gid   permission bits (& 0o7777) and owner, kept for cp -a / rsync -a / tar x.
--- mtime_ns, ctime_ns  nanoseconds since the epoch.
+-- atime_ns, mtime_ns, ctime_ns
+--            access, modification and change times, nanoseconds since the epoch in a signed
+--            64-bit integer: 1677-09-21 to 2262-04-11, nanoseconds throughout (tree.py clamps
+--            what is set outside it, as Linux clamps to a disk's range). atime is set when the
+--            entry is created and by an explicit utimensat only: reads never change it (the
+--            mount is noatime). A directory's mtime and ctime move whenever an entry is added
+--            to it, removed from it or renamed in, out or within it, by any face (one UPDATE
+--            in the transaction that changes the tree); start-up's repairs do not move them.
+--            atime_ns has a DEFAULT only because ALTER TABLE needs one to add it to a data
+--            directory made before it (create_schema); every insert gives it.
 -- blob_id    files only: the blob holding the committed bytes (blobs/<id[:2]>/<id>).
 --            NULL for a file created through the mount whose first upload session has not
 --            committed yet: it shows in the mount but is not an artifact (list_artifacts,
@@ -69,6 +78,7 @@ CREATE TABLE IF NOT EXISTS entries (
     gid        INTEGER NOT NULL DEFAULT 0,
     mtime_ns   INTEGER NOT NULL,
     ctime_ns   INTEGER NOT NULL,
+    atime_ns   INTEGER NOT NULL DEFAULT 0,
     blob_id    TEXT,
     size       INTEGER NOT NULL DEFAULT 0,
     sha256     TEXT,
@@ -206,6 +216,10 @@ def create_schema(conn: sqlite3.Connection, now_ns: int) -> list[tuple[int, str]
                 "SELECT id, blob_id FROM entries WHERE durable = 0 AND blob_id IS NOT NULL")]
             conn.execute("UPDATE entries SET epoch = 1 WHERE durable = 0")
             conn.execute("ALTER TABLE entries DROP COLUMN durable")
+    if "atime_ns" not in columns:  # made when atime was reported as the mtime
+        with _all_or_nothing(conn):
+            conn.execute("ALTER TABLE entries ADD COLUMN atime_ns INTEGER NOT NULL DEFAULT 0")
+            conn.execute("UPDATE entries SET atime_ns = mtime_ns")
     if any(r[1] == "sha256" and r[3] for r in conn.execute("PRAGMA table_info(superseded)")):
         # Made before pending digests: sha256 was NOT NULL, which SQLite cannot relax in
         # place. The table is small (replaces not durable yet): copy it, in one transaction.
@@ -215,9 +229,9 @@ def create_schema(conn: sqlite3.Connection, now_ns: int) -> list[tuple[int, str]
             conn.execute("INSERT INTO superseded SELECT * FROM superseded_old")
             conn.execute("DROP TABLE superseded_old")
     conn.execute(
-        "INSERT OR IGNORE INTO entries (id, parent_id, name, key, kind, mode, mtime_ns, ctime_ns)"
-        " VALUES (?, NULL, '', '', 'dir', ?, ?, ?)",
-        (ROOT_ID, 0o755, now_ns, now_ns),
+        "INSERT OR IGNORE INTO entries (id, parent_id, name, key, kind, mode, mtime_ns, ctime_ns,"
+        " atime_ns) VALUES (?, NULL, '', '', 'dir', ?, ?, ?, ?)",
+        (ROOT_ID, 0o755, now_ns, now_ns, now_ns),
     )
     conn.execute(
         "INSERT OR IGNORE INTO store_info (name, value) VALUES ('schema_version', ?)",

@@ -359,6 +359,7 @@ class ArtifactStore(MountWrites):
         e = self._artifact_entry(key)
         with self.meta.transaction():
             self.meta.delete_entry(e.id)
+            self.meta.dirs_changed(time.time_ns(), e.parent_id)
         self._after_delete([e])
 
     async def bulk_delete_artifacts(self, request: BulkDeleteRequest | Iterable[str]) -> None:
@@ -381,6 +382,7 @@ class ArtifactStore(MountWrites):
             for e in entries:
                 assert e is not None
                 self.meta.delete_entry(e.id)
+            self.meta.dirs_changed(time.time_ns(), *(e.parent_id for e in entries if e))
         self._after_delete([e for e in entries if e is not None])
 
     def open_artifact(self, key: str) -> BinaryIO:
@@ -438,6 +440,7 @@ class ArtifactStore(MountWrites):
         new_id = self.meta.insert_entry(
             parent_id=parent_id, name=parent_key.rpartition("/")[2], key=parent_key,
             kind="dir", mode=0o755, uid=self.uid, gid=self.gid, now_ns=now)
+        self.meta.dirs_changed(now, parent_id)
         self._changed_keys()
         self._notify(Change("added", new_id, parent_id, parent_key.rpartition("/")[2]))
         return new_id
@@ -549,7 +552,8 @@ class ArtifactStore(MountWrites):
                     gid=self.gid, now_ns=now_ns, blob_id=blob_id, size=size, sha256=sha,
                     mime_type=mime_type, created_at=created_at, durable=self.sync)
 
-            # Commonly a new key in a directory that is there: one statement. Else look.
+            # Commonly a new key in a directory that is there: one statement, and one more
+            # for the directory's times below (a new entry). Else look.
             e = None
             placed = insert(parent_key)
             if placed is None:
@@ -562,7 +566,10 @@ class ArtifactStore(MountWrites):
                     self.meta.set_content(
                         e.id, blob_id=blob_id, size=size, sha256=sha,
                         mime_type=mime_type, created_at=created_at, mtime_ns=now_ns,
-                        durable=self.sync)
+                        ctime_ns=now_ns, durable=self.sync)
+            if e is None:
+                assert placed is not None
+                self.meta.dirs_changed(now_ns, placed[1])
         if e is None:
             assert placed is not None
             self._changed_keys()

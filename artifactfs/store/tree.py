@@ -21,9 +21,15 @@ from ..models import (
     validate_name,
 )
 from .metadata import Entry
+from .sessions import WriteSession
 from .state import StoreState, log
 
 MAX_SYMLINK_TARGET = 4095
+
+# The times an entry can hold (schema.py: nanoseconds in a signed 64-bit integer), in whole
+# seconds so that every nanosecond of the last second fits: 1677-09-21 to 2262-04-11.
+TIME_MIN_SECONDS = -(2**63 // 10**9)
+TIME_MAX_SECONDS = (2**63 - 1) // 10**9 - 1
 
 # xattrs in the user. namespace that show artifact metadata (DESIGN §3).
 XATTR_MIME = "user.mime_type"
@@ -44,9 +50,7 @@ class TreeOperations(StoreState):
         if e is None:
             raise NotFound(f"no entry {entry_id}")
         ws = self._writes.get(entry_id)
-        if ws is not None:
-            return replace(e, size=ws.size(), mtime_ns=ws.mtime_ns)
-        return e
+        return e if ws is None else _live(e, ws)
 
     def lookup(self, parent_id: int, name: str) -> Entry:
         if len(name.encode("utf-8", "surrogateescape")) > MAX_COMPONENT_BYTES:
@@ -56,16 +60,14 @@ class TreeOperations(StoreState):
         if e is None:
             raise NotFound(f"no entry {name!r} in directory {parent_id}")
         ws = self._writes.get(e.id)
-        if ws is not None:
-            return replace(e, size=ws.size(), mtime_ns=ws.mtime_ns)
-        return e
+        return e if ws is None else _live(e, ws)
 
     def readdir(self, parent_id: int, after_id: int, limit: int) -> list[Entry]:
         """Children of a directory after a cursor (an entry id), in id order."""
         entries = self.meta.children(parent_id, after_id, limit)
         if self._writes:
-            entries = [replace(e, size=ws.size(), mtime_ns=ws.mtime_ns)
-                       if (ws := self._writes.get(e.id)) else e for e in entries]
+            entries = [_live(e, ws) if (ws := self._writes.get(e.id)) else e
+                       for e in entries]
         return entries
 
     def subdir_count(self, entry_id: int) -> int:
@@ -105,9 +107,11 @@ class TreeOperations(StoreState):
         with self.meta.transaction():
             parent, key = self._new_name(parent_id, name)
             mode, gid = self._inherited(parent, "dir", mode, gid)
+            now = time.time_ns()
             new_id = self.meta.insert_entry(
                 parent_id=parent_id, name=name, key=key, kind="dir", mode=mode,
-                uid=uid, gid=gid, now_ns=time.time_ns())
+                uid=uid, gid=gid, now_ns=now)
+            self.meta.dirs_changed(now, parent_id)
         self._changed_keys()
         return self.entry(new_id)
 
@@ -119,9 +123,11 @@ class TreeOperations(StoreState):
         with self.meta.transaction():
             parent, key = self._new_name(parent_id, name)
             _, gid = self._inherited(parent, "symlink", 0o777, gid)
+            now = time.time_ns()
             new_id = self.meta.insert_entry(
                 parent_id=parent_id, name=name, key=key, kind="symlink", mode=0o777,
-                uid=uid, gid=gid, now_ns=time.time_ns(), target=target)
+                uid=uid, gid=gid, now_ns=now, target=target)
+            self.meta.dirs_changed(now, parent_id)
         return self.entry(new_id)
 
     def readlink(self, entry_id: int) -> str:
@@ -140,6 +146,7 @@ class TreeOperations(StoreState):
             if self.meta.has_children(e.id):
                 raise NotEmpty(f"directory {e.key} is not empty")
             self.meta.delete_entry(e.id)
+            self.meta.dirs_changed(time.time_ns(), parent_id)
         self._changed_keys()
 
     def unlink(self, parent_id: int, name: str) -> Entry:
@@ -152,6 +159,7 @@ class TreeOperations(StoreState):
             if e.is_dir:
                 raise Conflict(f"{e.key} is a directory", errno=errno.EISDIR)
             self.meta.delete_entry(e.id)
+            self.meta.dirs_changed(time.time_ns(), parent_id)
         self._changed_keys()
         if e.blob_id:
             self._doom(e.blob_id)
@@ -197,7 +205,9 @@ class TreeOperations(StoreState):
                 self.meta.supersede_by_move(src, target)
             if target is not None:
                 self.meta.delete_entry(target.id)
-            self.meta.move_entry(src.id, new_parent, new_name, new_key, time.time_ns())
+            now = time.time_ns()
+            self.meta.move_entry(src.id, new_parent, new_name, new_key, now)
+            self.meta.dirs_changed(now, old_parent, new_parent)
             if src.is_dir:
                 self.meta.rekey_subtree(src.key, new_key)
         self._changed_keys()
@@ -207,9 +217,14 @@ class TreeOperations(StoreState):
         return target
 
     def set_attrs(self, entry_id: int, *, mode: int | None = None, uid: int | None = None,
-                  gid: int | None = None, mtime_ns: int | None = None) -> Entry:
-        """chmod, chown, utimens: metadata only, so cp -a, rsync -a and tar x finish."""
+                  gid: int | None = None, mtime_ns: int | None = None,
+                  atime_ns: int | None = None) -> Entry:
+        """chmod, chown, utimensat: metadata only, so cp -a, rsync -a and tar x finish. The
+        times are independent (either may be left as it is); one outside the range an entry
+        holds is clamped to it, as Linux clamps to a disk's range."""
         columns: dict[str, int | str | None] = {}
+        if atime_ns is not None:
+            columns["atime_ns"] = clamp_time_ns(atime_ns)
         if mode is not None:
             columns["mode"] = stat_mod.S_IMODE(mode)
         if uid is not None:
@@ -217,6 +232,7 @@ class TreeOperations(StoreState):
         if gid is not None:
             columns["gid"] = gid
         if mtime_ns is not None:
+            mtime_ns = clamp_time_ns(mtime_ns)
             columns["mtime_ns"] = mtime_ns
             ws = self._writes.get(entry_id)
             if ws is not None:
@@ -321,3 +337,20 @@ class TreeOperations(StoreState):
             raise Unsupported(f"{name} is read-only")
         raise NotFound(f"no attribute {name}", errno=errno.ENODATA)
 
+
+def clamp_time_ns(ns: int) -> int:
+    """``ns`` within the times an entry can hold; a time past either end becomes that end's
+    whole second, as the kernel's timestamp_truncate does for a disk's range."""
+    seconds = ns // 1_000_000_000
+    if seconds > TIME_MAX_SECONDS:
+        return TIME_MAX_SECONDS * 1_000_000_000
+    if seconds < TIME_MIN_SECONDS:
+        return TIME_MIN_SECONDS * 1_000_000_000
+    return ns
+
+
+def _live(e: Entry, ws: WriteSession) -> Entry:
+    """A file open for writing as the mount shows it: its size and mtime so far, and a ctime
+    no older than that mtime (a write changes both)."""
+    mtime = ws.mtime_ns
+    return replace(e, size=ws.size(), mtime_ns=mtime, ctime_ns=max(e.ctime_ns, mtime))

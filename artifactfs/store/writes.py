@@ -84,9 +84,11 @@ class MountWrites(TreeOperations):
             with self.meta.transaction():
                 parent, key = self._new_name(parent_id, name)
                 mode, gid = self._inherited(parent, "file", mode, gid)
+                now = time.time_ns()
                 entry_id = self.meta.insert_entry(
                     parent_id=parent_id, name=name, key=key, kind="file", mode=mode,
-                    uid=uid, gid=gid, now_ns=time.time_ns())
+                    uid=uid, gid=gid, now_ns=now)
+                self.meta.dirs_changed(now, parent_id)
                 self.meta.insert_session(SessionRow(
                     id=session_id, origin="mount", key=key, entry_id=entry_id, size=None,
                     offset=0, mime_type=mime_type_for_name(name),
@@ -424,7 +426,8 @@ class MountWrites(TreeOperations):
                     raise NotFound(f"{ws.id}: entry {ws.entry_id} was removed while committing")
                 self.meta.set_content(
                     e.id, blob_id=blob_id, size=size, sha256=sha, mime_type=s.mime_type,
-                    created_at=int(time.time()), mtime_ns=ws.mtime_ns, durable=durable)
+                    created_at=int(time.time()), mtime_ns=ws.mtime_ns,
+                    ctime_ns=time.time_ns(), durable=durable)
                 if end_session:
                     self.meta.delete_session(ws.id)
         except NotFound:
