@@ -313,7 +313,6 @@ class Operations(pyfuse3.Operations):
                 or fields.update_mtime or fields.update_atime):
             # One of these arrives before every written file closes (the writeback cache's
             # mtime): each query saved here counts (docs/PLATFORM.md, The cost of a request).
-            # update_ctime (that same flush's ctime) is not taken: the store sets ctime.
             e = self.store.set_attrs(
                 entry_id,
                 mode=attr.st_mode if fields.update_mode else None,
@@ -321,6 +320,8 @@ class Operations(pyfuse3.Operations):
                 gid=attr.st_gid if fields.update_gid else None,
                 mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
                 atime_ns=attr.st_atime_ns if fields.update_atime else None,
+                # Sent by the kernel only where it keeps a file's times (writeback cache).
+                ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
             )
             if fields.update_mtime and e.is_dir:
                 # The mtime set is the one to report, without a change number (_attrs): it

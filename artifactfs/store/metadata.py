@@ -557,6 +557,8 @@ class Metadata:
         ctime_ns: int,
         durable: bool,
     ) -> None:
+        """The entry holds a new version. ``ctime_ns`` is that version's last change; a later
+        one the row holds (an attribute set while the file was written) stays."""
         if durable:
             self.conn.execute("DELETE FROM superseded WHERE entry_id = ?", (entry_id,))
         else:
@@ -569,7 +571,8 @@ class Metadata:
                 (entry_id, self.durable_epoch))
         self.conn.execute(
             "UPDATE entries SET blob_id = ?, size = ?, sha256 = ?, mime_type = ?,"
-            " created_at = ?, mtime_ns = ?, ctime_ns = ?, epoch = ? WHERE id = ?",
+            " created_at = ?, mtime_ns = ?, ctime_ns = max(ctime_ns, ?), epoch = ?"
+            " WHERE id = ?",
             (blob_id, size, sha256, mime_type, created_at, mtime_ns, ctime_ns,
              0 if durable else self.flush_epoch, entry_id),
         )

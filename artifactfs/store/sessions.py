@@ -30,6 +30,12 @@ class WriteSession:
     # What mtime the artifact commits with: the last write's time, or a time set after it
     # (the ``mtime_ns`` property).
     _mtime_ns: int = field(default_factory=time.time_ns)
+    # And its ctime: the time of the last write or of the last time set (``ctime_ns``).
+    _ctime_ns: int = field(default_factory=time.time_ns)
+    # A passthrough session's staging file's mtime just after a time was set on it: while
+    # it is still that (no write since), the time set is the session's, whole, since the
+    # staging file's disk may keep less (ext4: no nanoseconds at its first second, 1901).
+    _staged_mtime_ns: int | None = None
     # Set once the staging file holds its starting bytes (a copy of the artifact can take a
     # while, in a thread); openers that join meanwhile wait on it.
     ready: trio.Event = field(default_factory=trio.Event)
@@ -79,15 +85,31 @@ class WriteSession:
     @property
     def mtime_ns(self) -> int:
         if self.passthrough:
-            return os.fstat(self.fd).st_mtime_ns
+            mtime = os.fstat(self.fd).st_mtime_ns
+            return self._mtime_ns if mtime == self._staged_mtime_ns else mtime
         return self._mtime_ns
 
     @mtime_ns.setter
     def mtime_ns(self, value: int) -> None:
         self._mtime_ns = value
+        self._ctime_ns = time.time_ns()
         if self.passthrough:
             # Kept on the staging file, which the kernel's writes move on from here.
             os.utime(self.fd, ns=(value, value))
+            self._staged_mtime_ns = os.fstat(self.fd).st_mtime_ns
+
+    @property
+    def ctime_ns(self) -> int:
+        if self.passthrough:
+            # Not the staging file's ctime, which its publication as a blob moves (a link).
+            mtime = os.fstat(self.fd).st_mtime_ns
+            if mtime != self._staged_mtime_ns:  # the kernel wrote it since, at its mtime
+                return max(mtime, self._ctime_ns)
+        return self._ctime_ns
+
+    @ctime_ns.setter
+    def ctime_ns(self, value: int) -> None:
+        self._ctime_ns = value
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size

@@ -218,10 +218,13 @@ class TreeOperations(StoreState):
 
     def set_attrs(self, entry_id: int, *, mode: int | None = None, uid: int | None = None,
                   gid: int | None = None, mtime_ns: int | None = None,
-                  atime_ns: int | None = None) -> Entry:
+                  atime_ns: int | None = None, ctime_ns: int | None = None) -> Entry:
         """chmod, chown, utimensat: metadata only, so cp -a, rsync -a and tar x finish. The
         times are independent (either may be left as it is); one outside the range an entry
-        holds is clamped to it, as Linux clamps to a disk's range."""
+        holds is clamped to it, as Linux clamps to a disk's range. ``ctime_ns``: the change's
+        time where the kernel keeps a file's times itself and sends its own (the mount's
+        writeback cache), so that the store keeps what stat showed; else now."""
+        ctime = time.time_ns() if ctime_ns is None else clamp_time_ns(ctime_ns)
         columns: dict[str, int | str | None] = {}
         if atime_ns is not None:
             columns["atime_ns"] = clamp_time_ns(atime_ns)
@@ -237,11 +240,12 @@ class TreeOperations(StoreState):
             ws = self._writes.get(entry_id)
             if ws is not None:
                 ws.mtime_ns = mtime_ns
+                ws.ctime_ns = ctime
                 if len(columns) == 1:
                     # The mount's writeback cache sends every written file's mtime just before
                     # it closes; the commit that follows stores it, so spend no transaction.
                     return self.entry(entry_id)
-        columns["ctime_ns"] = time.time_ns()
+        columns["ctime_ns"] = ctime
         if self.meta.entry(entry_id) is None:
             raise NotFound(f"no entry {entry_id}")
         self.meta.update_attrs(entry_id, **columns)
@@ -350,7 +354,7 @@ def clamp_time_ns(ns: int) -> int:
 
 
 def _live(e: Entry, ws: WriteSession) -> Entry:
-    """A file open for writing as the mount shows it: its size and mtime so far, and a ctime
-    no older than that mtime (a write changes both)."""
-    mtime = ws.mtime_ns
-    return replace(e, size=ws.size(), mtime_ns=mtime, ctime_ns=max(e.ctime_ns, mtime))
+    """A file open for writing as the mount shows it: its size, mtime and ctime so far (a
+    write moves both times; the commit keeps them, metadata.set_content)."""
+    return replace(e, size=ws.size(), mtime_ns=ws.mtime_ns,
+                   ctime_ns=max(e.ctime_ns, ws.ctime_ns))

@@ -427,7 +427,7 @@ class MountWrites(TreeOperations):
                 self.meta.set_content(
                     e.id, blob_id=blob_id, size=size, sha256=sha, mime_type=s.mime_type,
                     created_at=int(time.time()), mtime_ns=ws.mtime_ns,
-                    ctime_ns=time.time_ns(), durable=durable)
+                    ctime_ns=ws.ctime_ns, durable=durable)
                 if end_session:
                     self.meta.delete_session(ws.id)
         except NotFound:
