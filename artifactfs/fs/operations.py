@@ -118,10 +118,11 @@ class Operations(pyfuse3.Operations):
         # entries, from one counter. Added to the mtime the mount reports (in ns): the kernel
         # checks a kept listing against the directory's mtime at each opendir, and a listing
         # kept of an empty directory has no pages for an invalidation to drop, so the mtime is
-        # what tells it. The store keeps directory mtimes still; this moves them by
-        # nanoseconds. One counter, so that a number forgotten with its inode (forget) is never
-        # reported again for that directory: FORGET may come after the kernel looked the
-        # directory up anew. One int per directory changed and not yet forgotten.
+        # what tells it. The store moves a directory's mtime when entries come and go, not
+        # when another face replaces an artifact's content (a new inode in the listing): this
+        # moves it by nanoseconds then too. One counter, so that a number forgotten with its
+        # inode (forget) is never reported again for that directory: FORGET may come after the
+        # kernel looked the directory up anew. One int per directory changed and not yet forgotten.
         self._dir_changes: dict[int, int] = {}
         self._change_numbers = itertools.count(1)
         # Counts names that went or changed (unlink, rmdir, rename, another face's change):
