@@ -485,13 +485,11 @@ class Metadata:
     def dirs_changed(self, now_ns: int, *dir_ids: int | None) -> None:
         """The directories whose entries changed get mtime = ctime = ``now_ns`` (schema.py),
         in the transaction that changed them: one statement for the usual one directory."""
-        ids = [i for i in dict.fromkeys(dir_ids) if i is not None]
-        if len(ids) == 1:
-            self.conn.execute("UPDATE entries SET mtime_ns = ?, ctime_ns = ? WHERE id = ?",
-                              (now_ns, now_ns, ids[0]))
-        elif ids:
-            self.conn.executemany("UPDATE entries SET mtime_ns = ?, ctime_ns = ? WHERE id = ?",
-                                  [(now_ns, now_ns, i) for i in ids])
+        sql = "UPDATE entries SET mtime_ns = ?, ctime_ns = ? WHERE id = ?"
+        if len(dir_ids) == 1:
+            self.conn.execute(sql, (now_ns, now_ns, dir_ids[0]))
+        else:
+            self.conn.executemany(sql, [(now_ns, now_ns, i) for i in set(dir_ids)])
 
     def _new_id(self) -> int:
         self._last_id += 1
