@@ -199,8 +199,8 @@ class Operations(pyfuse3.Operations):
         if not e.is_dir:
             return entry_attributes(e, inode=self.inodes.inode(e.id))
         changed = self._dir_changes.get(e.id)
-        if changed:
-            e = replace(e, mtime_ns=e.mtime_ns + changed)
+        if changed:  # ctime too, which is never older than the mtime (but one set ahead)
+            e = replace(e, mtime_ns=e.mtime_ns + changed, ctime_ns=e.ctime_ns + changed)
         return entry_attributes(e, inode=self.inodes.inode(e.id),
                                 subdirs=self.store.subdir_count(e.id))
 
