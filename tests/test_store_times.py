@@ -136,6 +136,32 @@ async def test_times_out_of_range_are_kept_clamped(store: ArtifactStore) -> None
     assert store.meta.entry(e.id) == e
 
 
+async def test_a_new_key_redone_from_the_commit_log_moves_its_directory_as_it_did(
+        tmp_path: Path) -> None:
+    """A commit acknowledged but not yet in the database (commitlog.py) is redone at start-up
+    with the times it had: its directory shows the same times as before the crash."""
+    root = tmp_path / "data"
+    store = ArtifactStore(root)
+    store.open()
+    store.mkdir(ROOT_ID, "d", 0o755, 0, 0)
+    await store.put_artifact("d/a.bin", b"a")
+    shown = store.entry(entry_id(store, "d"))
+    assert store.meta.batch_open  # the commit is in the log only
+    store.meta.conn.close()  # killed: the open batch is rolled back
+    store.meta.log.close()
+    store.data.release()
+    store = ArtifactStore(root)
+    store.open()
+    try:
+        d = store.entry(entry_id(store, "d"))
+        assert store.lookup(d.id, "a.bin").is_artifact
+        assert (d.atime_ns, d.mtime_ns, d.ctime_ns) == (
+            shown.atime_ns, shown.mtime_ns, shown.ctime_ns)
+        assert shown.mtime_ns > shown.atime_ns  # moved by the new key, not left as made
+    finally:
+        store.close()
+
+
 # --- a data directory made before atime was kept --------------------------------------------
 
 async def test_a_store_made_before_atime_is_migrated(tmp_path: Path) -> None:
