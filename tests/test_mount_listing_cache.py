@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
+import re
 import time
 from pathlib import Path
 
@@ -54,13 +55,24 @@ def listed_twice(d: Path) -> list[str]:
     return first
 
 
+def fork_version() -> str:
+    """The version the last patch of patches/pyfuse3/series gives the fork."""
+    fork = Path(__file__).resolve().parent.parent / "patches" / "pyfuse3"
+    series = [n for n in (fork / "series").read_text().splitlines()
+              if n and not n.startswith("#")]
+    versions = re.findall(r"^\+Version: (\S+)$", (fork / series[-1]).read_text(), re.M)
+    assert versions, f"{series[-1]} sets no version"
+    return versions[0]
+
+
 def test_pyfuse3_is_the_build_of_scripts_setup() -> None:
     # The listing cache and FLUSH-less reads need the patched pyfuse3; the mount still works
-    # without them, so nothing else would notice a setup that installed the stock one.
-    assert importlib.metadata.version("pyfuse3").endswith("+artifactfs.4")
-    assert operations.OPEN_FLAGS
-    assert passthrough.available()  # the second patch, built against libfuse 3.17
-    assert shared_reads.PASSTHROUGH  # the third
+    # without them, so nothing else would notice a setup that installed the stock one or an
+    # older series.
+    assert importlib.metadata.version("pyfuse3") == fork_version()
+    assert operations.OPEN_FLAGS  # patches/pyfuse3: cache-readdir, noflush
+    assert passthrough.available()  # passthrough, built against libfuse 3.17
+    assert shared_reads.PASSTHROUGH  # shared-read-handles
 
 
 def test_listing_follows_changes_made_through_the_mount(workdir: Path, mount: Mount) -> None:
