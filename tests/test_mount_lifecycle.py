@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mountutil import check_can_mount, is_mounted, start_daemon, unmount
 
-pytestmark = pytest.mark.mount
+pytestmark = [pytest.mark.mount, pytest.mark.stock]
 
 
 def artifactfs(*args: str | os.PathLike[str], timeout: float = 120

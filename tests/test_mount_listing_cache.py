@@ -9,24 +9,21 @@ a change was made (a syscall or an HTTP request returned) shows it. (A pause, wh
 one, lets the daemon's invalidation of the kernel's copy finish first, to test that path too.)
 
 Read-only opens ask for no FLUSH (FOPEN_NOFLUSH); the last test checks that a reader's close,
-among writers' closes, changes nothing a writer commits.
+among writers' closes, changes nothing a writer commits. On the stock pyfuse3 every listing
+reaches the daemon, and the same tests must hold there too (the `stock` run).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import os
-import re
 import time
 from pathlib import Path
 
 import pytest
 from mountutil import Mount, mount_fixture, workdir_fixture
 
-from artifactfs.fs import operations, passthrough, shared_reads
-
-pytestmark = pytest.mark.mount
+pytestmark = [pytest.mark.mount, pytest.mark.stock]
 
 mount = mount_fixture()
 workdir = workdir_fixture()
@@ -53,26 +50,6 @@ def listed_twice(d: Path) -> list[str]:
     first = listing(d)
     assert listing(d) == first
     return first
-
-
-def fork_version() -> str:
-    """The version the last patch of patches/pyfuse3/series gives the fork."""
-    fork = Path(__file__).resolve().parent.parent / "patches" / "pyfuse3"
-    series = [n for n in (fork / "series").read_text().splitlines()
-              if n and not n.startswith("#")]
-    versions = re.findall(r"^\+Version: (\S+)$", (fork / series[-1]).read_text(), re.M)
-    assert versions, f"{series[-1]} sets no version"
-    return versions[0]
-
-
-def test_pyfuse3_is_the_build_of_scripts_setup() -> None:
-    # The listing cache and FLUSH-less reads need the patched pyfuse3; the mount still works
-    # without them, so nothing else would notice a setup that installed the stock one or an
-    # older series.
-    assert importlib.metadata.version("pyfuse3") == fork_version()
-    assert operations.OPEN_FLAGS  # patches/pyfuse3: cache-readdir, noflush
-    assert passthrough.available()  # passthrough, built against libfuse 3.17
-    assert shared_reads.PASSTHROUGH  # shared-read-handles
 
 
 def test_listing_follows_changes_made_through_the_mount(workdir: Path, mount: Mount) -> None:

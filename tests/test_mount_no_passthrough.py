@@ -26,7 +26,7 @@ from mountutil import (
     workdir_fixture,
 )
 
-pytestmark = pytest.mark.mount
+pytestmark = [pytest.mark.mount, pytest.mark.stock]
 
 mount = mount_fixture("--no-passthrough")
 workdir = workdir_fixture()

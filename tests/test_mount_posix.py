@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mountutil import Mount, mount_fixture, workdir_fixture
 
-pytestmark = pytest.mark.mount
+pytestmark = [pytest.mark.mount, pytest.mark.stock]
 
 mount = mount_fixture()
 workdir = workdir_fixture()

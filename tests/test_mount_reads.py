@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from mountutil import Mount, assert_shared_writable_map_commits, mount_fixture, workdir_fixture
 
-pytestmark = pytest.mark.mount
+pytestmark = [pytest.mark.mount, pytest.mark.stock]
 
 mount = mount_fixture()
 workdir = workdir_fixture()

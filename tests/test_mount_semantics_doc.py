@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mountutil import Mount, mount_fixture
 
-pytestmark = pytest.mark.mount
+pytestmark = [pytest.mark.mount, pytest.mark.stock]
 
 mount = mount_fixture()
 

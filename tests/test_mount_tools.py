@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mountutil import Mount, mount_fixture, run, workdir_fixture
 
-pytestmark = pytest.mark.mount
+pytestmark = [pytest.mark.mount, pytest.mark.stock]
 
 mount = mount_fixture()
 workdir = workdir_fixture()

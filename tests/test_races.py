@@ -35,7 +35,7 @@ import pytest
 from conftest import SCALE
 from mountutil import Mount, eventually, mount_fixture, mounted, workdir_fixture
 
-pytestmark = [pytest.mark.mount, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.mount, pytest.mark.stock, pytest.mark.timeout(300)]
 
 mount = mount_fixture()
 workdir = workdir_fixture()

@@ -75,6 +75,8 @@ RELEASE_DELAY = float(os.environ.get("ARTIFACTFS_RELEASE_DELAY", "0"))
 # pyfuse3 as built by scripts/setup (patches/) can set FOPEN_CACHE_DIR and FOPEN_NOFLUSH in
 # open replies; a stock pyfuse3 cannot, and the mount then works as before, only slower.
 OPEN_FLAGS = hasattr(pyfuse3.FileInfo, "cache_readdir") and hasattr(pyfuse3.FileInfo, "noflush")
+# The stock release (a plain `pip install .`): none of the fork's features (patches/README.md).
+STOCK_PYFUSE3 = not OPEN_FLAGS and not passthrough_available()
 
 class Operations(pyfuse3.Operations):
     """The mount's request handlers (see the module docstring for open-file semantics)."""
@@ -136,7 +138,13 @@ class Operations(pyfuse3.Operations):
         # Called when the kernel's INIT arrives: from here on the mount answers requests.
         self.initialized.set()
         log.info("the kernel connected to the mount")
-        if not OPEN_FLAGS:
+        if STOCK_PYFUSE3:
+            # One line for all the stock release lacks (_init_passthrough adds none of its own).
+            log.warning("pyfuse3 %s is the stock release, not the fork scripts/setup builds"
+                        " (patches/README.md): no passthrough, and every listing, open and"
+                        " close reaches the daemon; reads are served by the daemon, with the"
+                        " writeback cache", pyfuse3.__version__)
+        elif not OPEN_FLAGS:
             log.warning("pyfuse3 %s cannot keep directory listings in the kernel or skip "
                         "FLUSH (not the build of scripts/setup): every listing and close "
                         "reaches the daemon", pyfuse3.__version__)
@@ -148,13 +156,15 @@ class Operations(pyfuse3.Operations):
         if not self._passthrough_asked:
             log.info("passthrough off (--no-passthrough): reads are served by the daemon,"
                      " with the writeback cache")
+        elif STOCK_PYFUSE3:
+            pass  # init() said it
         elif not self._privileged:
             log.warning("passthrough unavailable: the daemon lacks CAP_SYS_ADMIN, which the"
                         " kernel's backing files need; reads are served by the daemon, with"
                         " the writeback cache")
         elif not self.enable_passthrough:
             log.warning("passthrough unavailable: pyfuse3 %s cannot ask the kernel for it"
-                        " (not the build of scripts/setup, libfuse >= 3.16): reads are served"
+                        " (not the build of scripts/setup, libfuse >= 3.17): reads are served"
                         " by the daemon, with the writeback cache", pyfuse3.__version__)
         elif not pyfuse3.passthrough_enabled():
             log.warning("passthrough unavailable: the kernel does not offer it (Linux >= 6.9"

@@ -1,6 +1,6 @@
 """FUSE passthrough: the kernel reads a committed artifact straight from its blob.
 
-With passthrough (Linux >= 6.9, libfuse >= 3.16, the patched pyfuse3 of scripts/setup, and
+With passthrough (Linux >= 6.9, libfuse >= 3.17, the patched pyfuse3 of scripts/setup, and
 CAP_SYS_ADMIN), an open reply may name a *backing file*; the kernel then serves read(2), mmap
 and splice of that open file from it, at the native file system's speed, without a READ request
 or a second page cache (docs/PERFORMANCE.md). What Linux requires (docs/PLATFORM.md, FUSE
