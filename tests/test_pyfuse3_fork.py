@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
+import tomllib
 from pathlib import Path
 
 from artifactfs.fs import operations, passthrough, shared_reads
 
-FORK = Path(__file__).resolve().parent.parent / "patches" / "pyfuse3"
+ROOT = Path(__file__).resolve().parent.parent
+FORK = ROOT / "patches" / "pyfuse3"
 
 
 def series() -> list[str]:
@@ -24,6 +26,14 @@ def test_the_series_names_every_patch_once() -> None:
     names = series()
     assert len(names) == len(set(names)), names
     assert sorted(names) == sorted(p.name for p in FORK.glob("*.patch"))
+
+
+def test_the_release_pinned_is_the_one_artifactfs_requires() -> None:
+    sdist = re.findall(r"^pyfuse3==(\S+) --hash=sha256:[0-9a-f]{64}$",
+                       (FORK / "sdist.txt").read_text(), re.M)
+    assert len(sdist) == 1, "sdist.txt pins one pyfuse3 release by sha256"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert f"pyfuse3=={sdist[0]}" in project["dependencies"]
 
 
 def test_pyfuse3_is_the_fork_at_the_series_version() -> None:
