@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import errno
 import re
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from .errors import InvalidArgument, InvalidKey
 
@@ -28,6 +28,23 @@ _MIME = re.compile(
     r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
     r"(\s*;\s*[A-Za-z0-9!#$&^_.+-]+=(\"[^\"]*\"|[A-Za-z0-9!#$&^_.+-]+))*"
 )
+
+# The same rules as JSON Schema, for the OpenAPI document (so generated clients and fuzzers
+# send what the store takes). ECMA regexes without lookahead: a component is 1-255 of the key
+# characters and neither "." nor "..". They only describe; validate_key decides, and its
+# message says which rule failed.
+COMPONENT_PATTERN = (r"(?:[A-Za-z0-9_-][A-Za-z0-9_.-]{0,254}|\.[A-Za-z0-9_-][A-Za-z0-9_.-]{0,253}"
+                     r"|\.\.[A-Za-z0-9_.-]{1,253})")
+KEY_SCHEMA: dict[str, Any] = {
+    "pattern": rf"^{COMPONENT_PATTERN}(?:/{COMPONENT_PATTERN})*$",
+    "minLength": 1, "maxLength": MAX_KEY_BYTES}
+NAME_SCHEMA: dict[str, Any] = {
+    "pattern": rf"^{COMPONENT_PATTERN}$", "minLength": 1, "maxLength": MAX_COMPONENT_BYTES}
+PREFIX_SCHEMA: dict[str, Any] = {"pattern": r"^[A-Za-z0-9_./-]*$", "maxLength": MAX_KEY_BYTES}
+MIME_SCHEMA: dict[str, Any] = {"pattern": f"^{_MIME.pattern}$"}
+SIZE_SCHEMA: dict[str, Any] = {"minimum": 0, "maximum": 2**63 - 1}
+
+Key = Annotated[str, Field(json_schema_extra=KEY_SCHEMA)]
 
 
 class ArtifactUploadResponse(BaseModel):
@@ -51,7 +68,7 @@ class ArtifactResponse(BaseModel):
 
 
 class ArtifactDeleteRequest(BaseModel):
-    key: str
+    key: Key
 
 
 class BulkDeleteRequest(BaseModel):
@@ -61,9 +78,9 @@ class BulkDeleteRequest(BaseModel):
 class CreateUploadSessionRequest(BaseModel):
     """Body of ``POST /v1/artifacts`` (the API proposal passes these as the method's arguments)."""
 
-    key: str
-    mime_type: str
-    size: int
+    key: Key
+    mime_type: Annotated[str, Field(json_schema_extra=MIME_SCHEMA)]
+    size: Annotated[int, Field(json_schema_extra=SIZE_SCHEMA)]
 
 
 class PaginatedResponse(BaseModel):

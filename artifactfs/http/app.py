@@ -10,8 +10,12 @@ The proposal's routes overlap, and the order of the routes below is how the over
   shadow a key.
 - ``GET /v1/artifacts/sessions/{id}`` is the session when ``id`` is a live one, else the
   artifact whose key is ``sessions/{id}``; deeper keys (``sessions/a/b``) never match it.
+  ``DELETE`` there is the artifact ``sessions/{id}``.
 - ``POST /v1/artifacts/bulk`` is bulk delete; ``GET`` and ``DELETE /v1/artifacts/bulk`` are
   the artifact whose key is ``bulk`` (no artifact route takes POST).
+
+The overlapping paths have routes of their own for the artifact's methods, so that the OpenAPI
+document lists every method each path takes, and a 405's ``Allow`` says the same.
 """
 
 from __future__ import annotations
@@ -19,14 +23,18 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-from fastapi import Body, FastAPI, Header, Query, Request
+from fastapi import Body, FastAPI, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ConfigDict
 from starlette.requests import ClientDisconnect
 
 from .. import models
-from ..errors import InvalidArgument, NotFound
+from ..errors import Conflict, NotFound
 from ..models import (
+    KEY_SCHEMA,
+    NAME_SCHEMA,
+    PREFIX_SCHEMA,
+    SIZE_SCHEMA,
     ArtifactResponse,
     ArtifactUploadResponse,
     BulkDeleteRequest,
@@ -34,9 +42,10 @@ from ..models import (
 )
 from ..store import ArtifactStore
 from .body import DrainRefusedBodies
-from .content import content_response
+from .content import CONTENT_RESPONSES, download
 from .errors import OFFSET_HEADER, ErrorBody, install_error_handlers
 from .guards import BearerToken, JsonBodyLimit
+from .openai_files import files_router
 
 log = logging.getLogger("artifactfs.http")
 
@@ -61,6 +70,12 @@ _RAW_BODY = {
     }
 }
 
+# Path parameters: a key (which may hold '/') and an upload session id (one key component, so
+# that sessions/{id} is a key too).
+KeyPath = Annotated[str, Path(description="The artifact's key", json_schema_extra=KEY_SCHEMA)]
+SessionPath = Annotated[str, Path(description="An upload session's id",
+                                  json_schema_extra=NAME_SCHEMA)]
+
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "Bad key, mime type, size, offset, page or body"},
     404: {"model": ErrorBody, "description": "No such artifact or upload session"},
@@ -74,10 +89,14 @@ def _truthful_openapi(app: FastAPI, *, bearer: bool) -> None:
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
         schema = generate()
         for operations in schema.get("paths", {}).values():
             for operation in operations.values():
                 operation.get("responses", {}).pop("422", None)
+                for parameter in operation.get("parameters", []):
+                    _drop_null(parameter)
         for name in ("HTTPValidationError", "ValidationError"):
             schema.get("components", {}).get("schemas", {}).pop(name, None)
         if bearer:
@@ -89,6 +108,19 @@ def _truthful_openapi(app: FastAPI, *, bearer: bool) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def _drop_null(parameter: dict[str, Any]) -> None:
+    """An optional query or header parameter is one the client leaves out; it cannot be sent
+    as null, so its schema is the value's alone (FastAPI writes ``anyOf: [T, null]``)."""
+    schema = parameter.get("schema", {})
+    choices = schema.get("anyOf")
+    if choices is None:
+        return
+    kept = [c for c in choices if c.get("type") != "null"]
+    if len(kept) == 1:
+        rest = {k: v for k, v in schema.items() if k != "anyOf"}
+        parameter["schema"] = {**kept[0], **rest}
+
+
 def create_app(store: ArtifactStore, *, token: str | None = None) -> FastAPI:
     """An ASGI app serving ``store``; with ``token``, every route wants it as a bearer token."""
     app = FastAPI(
@@ -97,7 +129,8 @@ def create_app(store: ArtifactStore, *, token: str | None = None) -> FastAPI:
         description=(
             "The llama-stack Artifacts API over an artifactfs store, plus our extensions: "
             "`prefix` on listings, `GET /v1/artifacts/{key}:content` with Range, and "
-            "`Upload-Offset` on uploads. See docs/HTTP.md."),
+            "`Upload-Offset` on uploads; and the OpenAI Files API (`/v1/files`) over the same "
+            "artifacts. See docs/HTTP.md."),
         redoc_url=None,
         responses=_ERRORS,
     )
@@ -123,16 +156,28 @@ def create_app(store: ArtifactStore, *, token: str | None = None) -> FastAPI:
         await store.bulk_delete_artifacts(request)
         return Response(status_code=204)
 
+    @app.get("/v1/artifacts/bulk", response_model=ArtifactResponse)
+    async def get_artifact_bulk() -> ArtifactResponse:
+        """The artifact whose key is ``bulk`` (POST on this path is bulk delete)."""
+        return await store.get_artifact("bulk")
+
+    @app.delete("/v1/artifacts/bulk", status_code=204)
+    async def delete_artifact_bulk() -> Response:
+        """Delete the artifact whose key is ``bulk``."""
+        await store.delete_artifact("bulk")
+        return Response(status_code=204)
+
     @app.post("/v1/artifacts/sessions/{upload_id}",
               response_model=ArtifactResponse | None, openapi_extra=_RAW_BODY)
     async def upload_content_to_session(
-        upload_id: str,
+        upload_id: SessionPath,
         request: Request,
         upload_offset: Annotated[int | None, Header(
-            description="The offset the client believes the session is at")] = None,
+            description="The offset the client believes the session is at",
+            json_schema_extra=SIZE_SCHEMA)] = None,
         offset: Annotated[int | None, Query(
             description="Same as the Upload-Offset header, for clients that cannot set one",
-        )] = None,
+            json_schema_extra=SIZE_SCHEMA)] = None,
     ) -> Response:
         """Append the raw request body at the session's offset, streaming it to disk.
 
@@ -140,8 +185,11 @@ def create_app(store: ArtifactStore, *, token: str | None = None) -> FastAPI:
         the artifact once the last byte commits it.
         """
         if upload_offset is not None and offset is not None and upload_offset != offset:
-            raise InvalidArgument(
-                f"Upload-Offset header ({upload_offset}) and offset query ({offset}) disagree")
+            # At most one of them is the session's offset: a mismatch, answered as one.
+            info = await store.get_upload_session_info(upload_id)
+            raise Conflict(
+                f"Upload-Offset header ({upload_offset}) and offset query ({offset}) disagree;"
+                f" the session is at offset {info.offset}", offset=info.offset)
         claimed = upload_offset if upload_offset is not None else offset
         length_header = request.headers.get("content-length")
         length = int(length_header) if length_header is not None else None
@@ -161,32 +209,20 @@ def create_app(store: ArtifactStore, *, token: str | None = None) -> FastAPI:
 
     @app.head("/v1/artifacts/{key:path}:content", include_in_schema=False)
     @app.get("/v1/artifacts/{key:path}:content", response_class=Response,
-             responses={200: {"content": {"application/octet-stream": {}},
-                              "description": "The artifact's bytes"},
-                        206: {"description": "The bytes of the requested Range"},
-                        416: {"description": "Range outside the artifact"}})
+             responses=CONTENT_RESPONSES)
     async def get_artifact_content(
-        key: str,
+        key: KeyPath,
         request: Request,
         byte_range: Annotated[str | None, Header(alias="Range")] = None,
         if_range: Annotated[str | None, Header()] = None,
     ) -> Response:
         """Stream the artifact's bytes with its mime type; honours Range."""
-        # In this order, with no await between: get_artifact may wait for a digest being
-        # computed, and the key may hold another version after that wait.
-        artifact = await store.get_artifact(key)
-        f = store.open_artifact(key)
-        try:
-            return content_response(f, artifact, range_header=byte_range, if_range=if_range,
-                                    head=request.method == "HEAD")
-        except BaseException:
-            f.close()
-            raise
+        return await download(store, key, request, byte_range, if_range)
 
     @app.get("/v1/artifacts/sessions/{upload_id}",
              response_model=ArtifactUploadResponse | ArtifactResponse)
     async def get_upload_session_info(
-        upload_id: str,
+        upload_id: SessionPath,
     ) -> ArtifactUploadResponse | ArtifactResponse:
         """The live session ``upload_id``; else the artifact whose key is ``sessions/{id}``."""
         try:
@@ -197,27 +233,34 @@ def create_app(store: ArtifactStore, *, token: str | None = None) -> FastAPI:
             except NotFound:
                 raise NotFound(f"{no_session}, and no artifact sessions/{upload_id}") from None
 
+    @app.delete("/v1/artifacts/sessions/{upload_id}", status_code=204)
+    async def delete_artifact_in_sessions(upload_id: SessionPath) -> Response:
+        """Delete the artifact whose key is ``sessions/{id}`` (a session is never deleted)."""
+        await store.delete_artifact(f"sessions/{upload_id}")
+        return Response(status_code=204)
+
     @app.get("/v1/artifacts", response_model=PaginatedResponse)
     async def list_artifacts(
-        start_index: Annotated[int | None, Query(description="Index of the first artifact")]
-        = None,
-        limit: Annotated[int | None, Query(description="How many artifacts (at most 1000)")]
-        = None,
-        prefix: Annotated[str | None, Query(description="Only keys starting with this")]
-        = None,
+        start_index: Annotated[int | None, Query(description="Index of the first artifact",
+                                                 json_schema_extra=SIZE_SCHEMA)] = None,
+        limit: Annotated[int | None, Query(description="How many artifacts (at most 1000)",
+                                           json_schema_extra=SIZE_SCHEMA)] = None,
+        prefix: Annotated[str | None, Query(description="Only keys starting with this",
+                                            json_schema_extra=PREFIX_SCHEMA)] = None,
     ) -> PaginatedResponse:
         """One page of artifacts in bytewise key order."""
         return await store.list_artifacts(start_index, limit, prefix)
 
     @app.get("/v1/artifacts/{key:path}", response_model=ArtifactResponse)
-    async def get_artifact(key: str) -> ArtifactResponse:
+    async def get_artifact(key: KeyPath) -> ArtifactResponse:
         """The artifact's info; its ``uri`` is where its content downloads."""
         return await store.get_artifact(key)
 
     @app.delete("/v1/artifacts/{key:path}", status_code=204)
-    async def delete_artifact(key: str) -> Response:
+    async def delete_artifact(key: KeyPath) -> Response:
         """Delete the artifact at once; downloads already running finish with its bytes."""
         await store.delete_artifact(key)
         return Response(status_code=204)
 
+    app.include_router(files_router(store))
     return app

@@ -17,15 +17,28 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import AsyncIterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import trio
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
 
 from ..models import ArtifactResponse
+from ..store import ArtifactStore
+from .errors import ErrorBody, error_response
 
 CHUNK = 1 << 20  # large reads: few thread hops, still a small buffer per download
 _RANGE = re.compile(r"bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", re.IGNORECASE)
+
+
+# The OpenAPI responses of a download: the bytes come in the artifact's own mime type.
+CONTENT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+          "description": "The artifact's bytes, as its mime type"},
+    206: {"content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+          "description": "The bytes of the requested Range"},
+    416: {"model": ErrorBody, "description": "Range outside the artifact"},
+}
 
 
 class RangeNotSatisfiable(Exception):
@@ -73,9 +86,24 @@ async def _read_span(f: BinaryIO, start: int, end: int) -> AsyncIterator[bytes]:
         f.close()
 
 
+async def download(store: ArtifactStore, key: str, request: Request,
+                   range_header: str | None, if_range: str | None) -> Response:
+    """The response to GET or HEAD of the artifact ``key``'s bytes."""
+    # In this order, with no await between: get_artifact may wait for a digest being
+    # computed, and the key may hold another version after that wait.
+    artifact = await store.get_artifact(key)
+    f = store.open_artifact(key)
+    try:
+        return content_response(f, artifact, range_header=range_header, if_range=if_range,
+                                head=request.method == "HEAD", scope=request.scope)
+    except BaseException:
+        f.close()
+        raise
+
+
 def content_response(
     f: BinaryIO, artifact: ArtifactResponse, *, range_header: str | None,
-    if_range: str | None, head: bool,
+    if_range: str | None, head: bool, scope: Any,
 ) -> Response:
     """The response for one download; it owns ``f`` and closes it when done."""
     size = os.fstat(f.fileno()).st_size
@@ -91,9 +119,8 @@ def content_response(
         span = byte_range(range_header, size)
     except RangeNotSatisfiable:
         f.close()
-        return JSONResponse(
-            {"detail": f"range {range_header!r} is outside the artifact's {size} bytes"},
-            status_code=416,
+        return error_response(
+            scope, 416, f"range {range_header!r} is outside the artifact's {size} bytes",
             headers={"Accept-Ranges": "bytes", "Content-Range": f"bytes */{size}"})
     status = 200
     start, end = 0, size

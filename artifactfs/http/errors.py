@@ -1,9 +1,12 @@
-"""Errors out of the HTTP face: every failure is JSON ``{"detail": "..."}`` (DESIGN §5).
+"""Errors out of the HTTP face: every failure is JSON ``{"detail": "..."}`` (DESIGN §5), or,
+under the OpenAI Files API's routes, OpenAI's ``{"error": {"message", "type", "param",
+"code"}}`` so that OpenAI clients show the message.
 
 The store's errors carry their own status (``ArtifactError.http_status``); this module only
 writes them out. FastAPI's own failures are reshaped to match: request validation is 400 (the
 table's "bad argument", not FastAPI's 422), unknown routes and methods are 404/405 with a
-detail that names the route, and anything unexpected is a logged 500 that leaves the server up.
+detail that names the route (a 405's ``Allow`` lists every method the resource takes), and
+anything unexpected is a logged 500 that leaves the server up.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
+from starlette.types import Scope
 
 from ..errors import ArtifactError, Conflict
 
@@ -30,6 +35,57 @@ class ErrorBody(BaseModel):
 
     detail: str
     offset: int | None = None
+
+
+# Routes under this prefix are the OpenAI Files API: their errors take OpenAI's shape.
+OPENAI_PREFIX = "/v1/files"
+# OpenAI's ``code`` for the statuses that have one of their own.
+_OPENAI_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
+                 409: "conflict", 413: "request_too_large", 416: "range_not_satisfiable",
+                 507: "insufficient_storage"}
+
+
+class OpenAIError(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorBody(BaseModel):
+    """An error of the Files API, in the shape OpenAI's clients read."""
+
+    error: OpenAIError
+
+
+def is_openai_path(path: str) -> bool:
+    return path == OPENAI_PREFIX or path.startswith(OPENAI_PREFIX + "/")
+
+
+def error_response(scope: Scope, status: int, detail: str, *,
+                   extra: dict[str, Any] | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """The JSON answer for one failure, in the shape of the API the request went to."""
+    if is_openai_path(scope.get("path", "")):
+        kind = ("server_error" if status >= 500 else
+                "authentication_error" if status == 401 else "invalid_request_error")
+        body: dict[str, Any] = {"error": {"message": detail, "type": kind, "param": None,
+                                          "code": _OPENAI_CODES.get(status)}}
+    else:
+        body = {"detail": detail, **(extra or {})}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def allowed_methods(scope: Scope) -> list[str]:
+    """Every method some route takes at this path. Where a specific route (``bulk``,
+    ``sessions/{id}``, ``{key}:content``) matches, the catch-all ``{key:path}`` routes do not
+    count: the specific route is what the path names (and a key holding ``:`` is invalid)."""
+    routes = scope["app"].router.routes if "app" in scope else []
+    probe = {**scope, "method": "GET"}
+    matched = [r for r in routes
+               if isinstance(r, Route) and r.methods and r.matches(probe)[0] != Match.NONE]
+    specific = [r for r in matched if not r.path.endswith(":path}")]
+    return sorted({m for r in (specific or matched) for m in r.methods or ()})
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -48,14 +104,14 @@ async def _artifact_error(request: Request, exc: ArtifactError) -> Response:
     elif status > 500:
         # 507 (a full disk), 503: the user's to fix, and the message says how; no traceback.
         log.warning("%s %s: %s", request.method, request.url.path, exc)
-    body: dict[str, Any] = {"detail": str(exc)}
+    extra: dict[str, Any] = {}
     headers: dict[str, str] = {}
     if isinstance(exc, Conflict) and exc.offset is not None:
         # An offset mismatch: give the client the offset to resume from, in the body and in
         # the header a tus-style client reads.
-        body["offset"] = exc.offset
+        extra["offset"] = exc.offset
         headers[OFFSET_HEADER] = str(exc.offset)
-    return JSONResponse(body, status_code=status, headers=headers)
+    return error_response(request.scope, status, str(exc), extra=extra, headers=headers)
 
 
 def _describe(err: dict[str, Any]) -> str:
@@ -79,24 +135,28 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
     # The inputs are left out: a rejected body can be large, and it is the client's own.
     brief = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
              for e in errors]
-    return JSONResponse({"detail": detail, "errors": brief}, status_code=400)
+    return error_response(request.scope, 400, detail, extra={"errors": brief})
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     status = exc.status_code
+    headers = dict(exc.headers or {})
     if status == 404:
         detail = f"no route {request.method} {request.url.path}"
     elif status == 405:
-        allowed = (exc.headers or {}).get("Allow", "")
+        # Starlette names only the methods of the first route that matched the path; RFC 9110
+        # wants all of them (GET and DELETE /v1/artifacts/{key} are two routes).
+        allowed = ", ".join(allowed_methods(request.scope)) or headers.get("Allow", "")
+        headers["Allow"] = allowed
         detail = f"method {request.method} is not allowed on {request.url.path}" + (
             f" (allowed: {allowed})" if allowed else "")
     else:
         detail = str(exc.detail)
-    return JSONResponse({"detail": detail}, status_code=status, headers=exc.headers)
+    return error_response(request.scope, status, detail, headers=headers)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     log.error("%s %s failed unexpectedly", request.method, request.url.path, exc_info=exc)
-    return JSONResponse(
-        {"detail": f"internal error ({type(exc).__name__}); the server log has the details"},
-        status_code=500)
+    return error_response(
+        request.scope, 500,
+        f"internal error ({type(exc).__name__}); the server log has the details")

@@ -10,9 +10,10 @@ from __future__ import annotations
 import hmac
 import logging
 
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import error_response
 
 log = logging.getLogger("artifactfs.http")
 
@@ -36,8 +37,8 @@ class BearerToken:
         detail = ("missing bearer token: send 'Authorization: Bearer <token>'"
                   if given is None else "wrong bearer token")
         log.warning("refused %s %s: %s", scope.get("method"), scope.get("path"), detail)
-        response = JSONResponse({"detail": detail}, status_code=401,
-                                headers={"WWW-Authenticate": 'Bearer realm="artifactfs"'})
+        response = error_response(scope, 401, detail,
+                                  headers={"WWW-Authenticate": 'Bearer realm="artifactfs"'})
         await response(scope, receive, send)
 
 
@@ -60,9 +61,9 @@ class JsonBodyLimit:
             return
         declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            response = JSONResponse(
-                {"detail": f"request body of {int(declared)} bytes is larger than the"
-                           f" {self.limit} bytes this route takes"}, status_code=413)
+            response = error_response(
+                scope, 413, f"request body of {int(declared)} bytes is larger than the"
+                            f" {self.limit} bytes this route takes")
             await response(scope, receive, send)
             return
         seen = 0
