@@ -26,6 +26,7 @@ from typing import Annotated, Any
 from fastapi import Body, FastAPI, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ConfigDict
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import ClientDisconnect
 
 from .. import models
@@ -45,7 +46,7 @@ from .body import DrainRefusedBodies
 from .content import CONTENT_RESPONSES, download
 from .errors import OFFSET_HEADER, ErrorBody, install_error_handlers
 from .guards import BearerToken, JsonBodyLimit
-from .openai_files import files_router
+from .openai_files import add_files_routes
 
 log = logging.getLogger("artifactfs.http")
 
@@ -69,6 +70,21 @@ _RAW_BODY = {
                                                             "format": "binary"}}},
     }
 }
+
+class KeyConvertor(Convertor[str]):
+    """``{key:key}`` in a route: like ``path``, but never ending in ``:content``, so that a
+    download's URL matches the download route alone (DELETE on it is 405, not a bad key)."""
+
+    regex = r".*(?<!:content)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("key", KeyConvertor())
 
 # Path parameters: a key (which may hold '/') and an upload session id (one key component, so
 # that sessions/{id} is a key too).
@@ -243,24 +259,25 @@ def create_app(store: ArtifactStore, *, token: str | None = None) -> FastAPI:
     async def list_artifacts(
         start_index: Annotated[int | None, Query(description="Index of the first artifact",
                                                  json_schema_extra=SIZE_SCHEMA)] = None,
-        limit: Annotated[int | None, Query(description="How many artifacts (at most 1000)",
-                                           json_schema_extra=SIZE_SCHEMA)] = None,
+        limit: Annotated[int | None, Query(
+            description="How many artifacts (a page holds at most 1000)",
+            json_schema_extra={"minimum": 0})] = None,
         prefix: Annotated[str | None, Query(description="Only keys starting with this",
                                             json_schema_extra=PREFIX_SCHEMA)] = None,
     ) -> PaginatedResponse:
         """One page of artifacts in bytewise key order."""
         return await store.list_artifacts(start_index, limit, prefix)
 
-    @app.get("/v1/artifacts/{key:path}", response_model=ArtifactResponse)
+    @app.get("/v1/artifacts/{key:key}", response_model=ArtifactResponse)
     async def get_artifact(key: KeyPath) -> ArtifactResponse:
         """The artifact's info; its ``uri`` is where its content downloads."""
         return await store.get_artifact(key)
 
-    @app.delete("/v1/artifacts/{key:path}", status_code=204)
+    @app.delete("/v1/artifacts/{key:key}", status_code=204)
     async def delete_artifact(key: KeyPath) -> Response:
         """Delete the artifact at once; downloads already running finish with its bytes."""
         await store.delete_artifact(key)
         return Response(status_code=204)
 
-    app.include_router(files_router(store))
+    add_files_routes(app, store)
     return app

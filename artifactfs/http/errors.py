@@ -77,15 +77,10 @@ def error_response(scope: Scope, status: int, detail: str, *,
 
 
 def allowed_methods(scope: Scope) -> list[str]:
-    """Every method some route takes at this path. Where a specific route (``bulk``,
-    ``sessions/{id}``, ``{key}:content``) matches, the catch-all ``{key:path}`` routes do not
-    count: the specific route is what the path names (and a key holding ``:`` is invalid)."""
+    """Every method some route takes at this path."""
     routes = scope["app"].router.routes if "app" in scope else []
-    probe = {**scope, "method": "GET"}
-    matched = [r for r in routes
-               if isinstance(r, Route) and r.methods and r.matches(probe)[0] != Match.NONE]
-    specific = [r for r in matched if not r.path.endswith(":path}")]
-    return sorted({m for r in (specific or matched) for m in r.methods or ()})
+    return sorted({m for r in routes if isinstance(r, Route) and r.methods
+                   and r.matches(scope)[0] != Match.NONE for m in r.methods})
 
 
 def install_error_handlers(app: FastAPI) -> None:

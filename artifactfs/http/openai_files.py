@@ -26,7 +26,7 @@ import binascii
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile
+from fastapi import FastAPI, File, Form, Path, Query, Request, UploadFile
 from fastapi.responses import Response
 from pydantic import BaseModel
 
@@ -47,6 +47,8 @@ from .errors import OpenAIErrorBody
 ID_PREFIX = "file-"
 KEY_PREFIX = "files"
 DEFAULT_PURPOSE = "user_data"
+# The purposes OpenAI's reference takes on an upload.
+Purpose = Literal["assistants", "batch", "fine-tune", "vision", "user_data", "evals"]
 # OpenAI's bounds on ``limit``; a page holds at most the store's page size (1000) of them,
 # and ``has_more`` says that more follow.
 MAX_LIMIT = 10_000
@@ -167,16 +169,16 @@ async def _count_before(store: ArtifactStore, prefix: str, bound: str | None,
     return lo
 
 
-def files_router(store: ArtifactStore) -> APIRouter:
-    """The Files API's routes over ``store``."""
-    router = APIRouter(prefix="/v1/files", tags=["files"], responses=_ERRORS)
+def add_files_routes(app: FastAPI, store: ArtifactStore) -> None:
+    """Add the Files API's routes over ``store`` to ``app`` (as routes of the app itself, so
+    that a 405's ``Allow`` sees them beside the Artifacts API's)."""
+    route = {"tags": ["files"], "responses": _ERRORS}
 
-    @router.post("", response_model=FileObject)
+    @app.post("/v1/files", response_model=FileObject, **route)
     async def create_file(
         request: Request,
         file: Annotated[UploadFile, File(description="The file's bytes")],
-        purpose: Annotated[str, Form(description="Stored under files/<purpose>/",
-                                     json_schema_extra=NAME_SCHEMA)],
+        purpose: Annotated[Purpose, Form(description="Stored under files/<purpose>/")],
     ) -> FileObject:
         """Store an uploaded file as the artifact ``files/<purpose>/<filename>``."""
         form = await request.form()  # parsed once already, for the parameters above
@@ -184,11 +186,6 @@ def files_router(store: ArtifactStore) -> APIRouter:
             raise InvalidArgument("expires_after is not supported: files are kept until"
                                   " deleted")
         name = file.filename or ""
-        try:
-            validate_name(purpose)
-        except InvalidKey as exc:
-            raise InvalidKey(f"purpose {purpose[:80]!r} cannot be a directory name: {exc}"
-                             ) from None
         try:
             validate_name(name)
         except InvalidKey as exc:
@@ -206,7 +203,7 @@ def files_router(store: ArtifactStore) -> APIRouter:
             raise InvalidArgument(f"the upload of {name!r} ended before its {size} bytes")
         return file_object(artifact)
 
-    @router.get("", response_model=FileList)
+    @app.get("/v1/files", response_model=FileList, **route)
     async def list_files(
         after: Annotated[str | None, Query(
             description="The id of the last file of the previous page",
@@ -231,7 +228,7 @@ def files_router(store: ArtifactStore) -> APIRouter:
         if after is not None:
             bound = key_of(after)
             if bound is None:
-                raise InvalidArgument(f"after {after[:80]!r} is not a file id")
+                raise NotFound(f"No such File object: {after[:80]} (after)")
         if order == "asc":
             start = 0 if bound is None else await _count_before(store, prefix, bound, True)
             page = await store.list_artifacts(start, limit, prefix)
@@ -248,22 +245,21 @@ def files_router(store: ArtifactStore) -> APIRouter:
                         first_id=data[0].id if data else None,
                         last_id=data[-1].id if data else None)
 
-    @router.get("/{file_id}", response_model=FileObject)
+    @app.get("/v1/files/{file_id}", response_model=FileObject, **route)
     async def retrieve_file(file_id: FileIdPath) -> FileObject:
         """The File object of the artifact this id names."""
         return file_object(await store.get_artifact(_key(file_id)))
 
-    @router.delete("/{file_id}", response_model=FileDeleted)
+    @app.delete("/v1/files/{file_id}", response_model=FileDeleted, **route)
     async def delete_file(file_id: FileIdPath) -> FileDeleted:
         """Delete the artifact this id names, from every face."""
         await store.delete_artifact(_key(file_id))
         return FileDeleted(id=file_id, deleted=True)
 
-    @router.head("/{file_id}/content", include_in_schema=False)
-    @router.get("/{file_id}/content", response_class=Response, responses=CONTENT_RESPONSES)
+    @app.head("/v1/files/{file_id}/content", include_in_schema=False)
+    @app.get("/v1/files/{file_id}/content", response_class=Response, tags=["files"],
+             responses={**_ERRORS, **CONTENT_RESPONSES})
     async def retrieve_file_content(file_id: FileIdPath, request: Request) -> Response:
         """The file's bytes, streamed; Range is honoured as on the Artifacts API."""
         return await download(store, _key(file_id), request,
                               request.headers.get("range"), request.headers.get("if-range"))
-
-    return router
