@@ -25,7 +25,7 @@ from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import ConfigDict
+from pydantic import BeforeValidator, ConfigDict, Field
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import ClientDisconnect
 
@@ -55,11 +55,21 @@ log = logging.getLogger("artifactfs.http")
 # session's remaining size instead (the store checks it).
 MAX_JSON_BODY = 16 << 20
 
+def _whole_number(value: Any) -> Any:
+    """JSON (and JSON Schema's ``integer``) does not tell 5 from 5.0: both are the number 5."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 class CreateUploadSessionRequest(models.CreateUploadSessionRequest):
     """The body of POST /v1/artifacts, taken as JSON types are: ``"size": true`` or ``"5"`` is
-    not a size (pydantic's lax mode would make them 1 and 5)."""
+    not a size (pydantic's lax mode would make them 1 and 5); ``5.0`` is 5."""
 
     model_config = ConfigDict(strict=True)
+
+    size: Annotated[int, BeforeValidator(_whole_number),
+                    Field(json_schema_extra=SIZE_SCHEMA)]
 
 
 _RAW_BODY = {
