@@ -26,7 +26,7 @@ import binascii
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, File, Form, Path, Query, Request, UploadFile
+from fastapi import FastAPI, File, Form, Header, Path, Query, Request, UploadFile
 from fastapi.responses import Response
 from pydantic import BaseModel
 
@@ -259,7 +259,11 @@ def add_files_routes(app: FastAPI, store: ArtifactStore) -> None:
     @app.head("/v1/files/{file_id}/content", include_in_schema=False)
     @app.get("/v1/files/{file_id}/content", response_class=Response, tags=["files"],
              responses={**_ERRORS, **CONTENT_RESPONSES})
-    async def retrieve_file_content(file_id: FileIdPath, request: Request) -> Response:
+    async def retrieve_file_content(
+        file_id: FileIdPath,
+        request: Request,
+        byte_range: Annotated[str | None, Header(alias="Range")] = None,
+        if_range: Annotated[str | None, Header()] = None,
+    ) -> Response:
         """The file's bytes, streamed; Range is honoured as on the Artifacts API."""
-        return await download(store, _key(file_id), request,
-                              request.headers.get("range"), request.headers.get("if-range"))
+        return await download(store, _key(file_id), request, byte_range, if_range)
