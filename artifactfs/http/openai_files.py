@@ -22,7 +22,6 @@ OpenAI's error shape (artifactfs.http.errors).
 from __future__ import annotations
 
 import base64
-import binascii
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
@@ -112,7 +111,7 @@ def key_of(ident: str) -> str | None:
     try:
         key = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
         validate_key(key)
-    except (binascii.Error, UnicodeDecodeError, ValueError, InvalidKey):
+    except (ValueError, InvalidKey):  # bad base64 (binascii.Error), not UTF-8, not a key
         return None
     # One id per key: padding bits that decode to the same key make another spelling.
     return key if ident == file_id(key) else None
