@@ -11,6 +11,7 @@ the same ones every run. ARTIFACTFS_TORTURE_SCALE multiplies the examples.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -33,7 +34,7 @@ EXAMPLES = 10 * SCALE
 # known when pytest collects the operations; test_served_document_is_the_one_fuzzed checks
 # that the server serves this very document.
 DOCUMENT: dict[str, Any] = create_app(cast(ArtifactStore, None)).openapi()
-schema = schemathesis.openapi.from_dict(DOCUMENT)
+schema = schemathesis.openapi.from_dict(copy.deepcopy(DOCUMENT))  # it edits what it is given
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,26 @@ def test_every_operation_keeps_to_the_document(case: schemathesis.Case, server_u
         # is 2**63 - 1: it calls such a size valid, and the server rightly refuses it.
         return
     case.call_and_validate(base_url=server_url, checks=ALL_CHECKS)
+
+
+def test_stateful_workflows_keep_to_the_document(server_url: str) -> None:
+    """Sequences of calls that follow what one response names into the next request (a file
+    created, then fetched, downloaded, deleted, fetched again), with the same checks and those
+    about created and deleted resources (a created file is there; a deleted one is gone)."""
+    stateful = schemathesis.openapi.from_dict(copy.deepcopy(DOCUMENT))
+    stateful.config.update(base_url=server_url)
+
+    class Workflow(stateful.as_state_machine()):  # type: ignore[misc]
+        def validate_response(self, response: Any, case: schemathesis.Case,
+                              additional_checks: Any = None, **kwargs: Any) -> None:
+            if _past_int64(case.body) or _past_int64(case.query):
+                return  # see test_every_operation_keeps_to_the_document
+            case.validate_response(response, checks=ALL_CHECKS,
+                                   transport_kwargs=kwargs or None, recorder=self.recorder)
+
+    Workflow.run(settings=settings(max_examples=EXAMPLES, derandomize=True, deadline=None,
+                                   database=None, stateful_step_count=6,
+                                   suppress_health_check=list(HealthCheck)))
 
 
 def _past_int64(value: object) -> bool:

@@ -224,6 +224,19 @@ async def test_upload_refuses_bad_offsets(server: Server, headers: dict, params:
     assert (await c.get(s["uri"])).json()["offset"] == 0
 
 
+async def test_delete_under_sessions_is_the_artifact_never_a_live_session(server: Server
+                                                                        ) -> None:
+    c = server.client
+    s = (await c.post("/v1/artifacts", json={"key": "s", "mime_type": "a/b", "size": 2})).json()
+    r = await c.delete(f"/v1/artifacts/sessions/{s['id']}")
+    assert r.status_code == 409 and "live upload session" in detail(r)
+    assert (await c.get(s["uri"])).json()["offset"] == 0  # still there
+    await server.put("sessions/abc", b"x")
+    assert (await c.delete("/v1/artifacts/sessions/abc")).status_code == 204
+    assert (await c.get("/v1/artifacts/sessions/abc")).status_code == 404
+    assert (await c.delete("/v1/artifacts/sessions/abc")).status_code == 404
+
+
 async def test_header_and_query_offsets_that_disagree_are_a_mismatch(server: Server) -> None:
     c = server.client
     s = (await c.post("/v1/artifacts", json={"key": "o", "mime_type": "a/b", "size": 4})).json()

@@ -10,7 +10,7 @@ The proposal's routes overlap, and the order of the routes below is how the over
   shadow a key.
 - ``GET /v1/artifacts/sessions/{id}`` is the session when ``id`` is a live one, else the
   artifact whose key is ``sessions/{id}``; deeper keys (``sessions/a/b``) never match it.
-  ``DELETE`` there is the artifact ``sessions/{id}``.
+  ``DELETE`` there is the artifact ``sessions/{id}``, and 409 while ``id`` is a live session.
 - ``POST /v1/artifacts/bulk`` is bulk delete; ``GET`` and ``DELETE /v1/artifacts/bulk`` are
   the artifact whose key is ``bulk`` (no artifact route takes POST).
 
@@ -261,9 +261,16 @@ def create_app(store: ArtifactStore, *, token: str | None = None) -> FastAPI:
 
     @app.delete("/v1/artifacts/sessions/{upload_id}", status_code=204)
     async def delete_artifact_in_sessions(upload_id: SessionPath) -> Response:
-        """Delete the artifact whose key is ``sessions/{id}`` (a session is never deleted)."""
-        await store.delete_artifact(f"sessions/{upload_id}")
-        return Response(status_code=204)
+        """Delete the artifact whose key is ``sessions/{id}``; 409 while ``id`` is a live
+        upload session, which this path names first (as for GET) and which cannot be deleted
+        (it expires unless completed)."""
+        try:
+            await store.get_upload_session_info(upload_id)
+        except NotFound:
+            await store.delete_artifact(f"sessions/{upload_id}")
+            return Response(status_code=204)
+        raise Conflict(f"{upload_id} is a live upload session, which cannot be deleted: it"
+                       " expires unless completed")
 
     @app.get("/v1/artifacts", response_model=PaginatedResponse)
     async def list_artifacts(
