@@ -6,9 +6,10 @@ Every artifact is a file, and every file is an artifact:
   restart, the same whichever face made the artifact, and turned back into the key with no
   table to keep. ``datasets/train.jsonl`` is ``file-ZGF0YXNldHMvdHJhaW4uanNvbmw``.
 - An upload with ``purpose=P`` and file name ``N`` is the artifact ``files/P/N``; its mime
-  type comes from the name's extension, as for a file written in the mount. ``P`` and ``N``
-  must each be a valid key component (docs/SEMANTICS.md "Names"), else 400 and nothing is
-  stored. A second upload of the same name and purpose replaces the first (same key, same id).
+  type comes from the name's extension, as for a file written in the mount. ``P`` is one of
+  OpenAI's upload purposes and ``N`` must be a valid key component (docs/SEMANTICS.md
+  "Names"), else 400 and nothing is stored. A second upload of the same name and purpose
+  replaces the first (same key, same id).
 - A file's ``purpose`` is ``P`` for the artifacts under ``files/P/``, and ``user_data`` for
   every other artifact; its ``filename`` is the key's last component.
 - A listing covers every artifact in key order (``order=asc``) or its reverse (``desc``, the
