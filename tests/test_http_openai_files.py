@@ -221,10 +221,10 @@ def test_files_and_the_mount_see_each_other(mount: Mount) -> None:
     p = mount.path / "files" / "vision" / "from-openai.bin"
     assert p.read_bytes() == data  # no waiting: the request has returned
     (mount.path / "from-mount").mkdir()
-    written = mount.path / "from-mount" / "notes.md"
+    written = mount.path / "from-mount" / "notes.txt"
     written.write_bytes(b"# written in the mount\n")
-    g = c.files.retrieve(file_id("from-mount/notes.md"))
-    assert g.filename == "notes.md" and g.bytes == written.stat().st_size
+    g = c.files.retrieve(file_id("from-mount/notes.txt"))
+    assert g.filename == "notes.txt" and g.bytes == written.stat().st_size
     assert c.files.content(g.id).content == b"# written in the mount\n"
     assert {f.id, g.id} <= {x.id for x in c.files.list()}
     c.files.delete(f.id)
