@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from typing import Any
 
 import httpx
 import trio
+from mountutil import free_port
 
 from artifactfs import ArtifactStore, open_store
 from artifactfs.http.server import serve_http
@@ -112,13 +112,6 @@ def _complete(answer: bytes) -> bool:
         if name.strip().lower() == b"content-length":
             return len(body) >= int(value)
     return False
-
-
-def free_port() -> int:
-    """A port nothing listens on right now (for subprocess servers that need it up front)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
