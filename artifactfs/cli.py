@@ -128,9 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .systemd import stderr_is_journal
+
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        # The journal stamps each line itself.
+        format=("" if stderr_is_journal() else "%(asctime)s ")
+        + "%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     if args.command in ("mount", "umount", "serve"):

@@ -1,10 +1,12 @@
 """The daemon: one process, one store, the mount and/or the HTTP face on one trio loop.
 
 ``artifactfs mount`` runs in the background by default: the command starts a child process
-running ``mount --foreground`` (logging to DATA/mount.log), waits until the child reports the
-mount ready over a pipe (``ARTIFACTFS_READY_FD``), and exits 0; if the child fails it prints why
-and exits 1. ``--foreground`` stays attached with logs on stderr. SIGINT and SIGTERM unmount
-cleanly; so does ``artifactfs umount`` / ``fusermount3 -u`` from outside.
+running ``mount --foreground`` (logging to DATA/mount.log, or under systemd to the journal that
+is its stderr), waits until the child reports the mount ready over a pipe
+(``ARTIFACTFS_READY_FD``), and exits 0; if the child fails it prints why and exits 1.
+``--foreground`` stays attached with logs on stderr, and tells systemd when it is ready
+(Type=notify). SIGINT and SIGTERM unmount cleanly; so do ``artifactfs umount``, ``umount`` and
+``fusermount3 -u`` from outside.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import trio
 
+from . import systemd
 from .errors import ArtifactError
 from .store import default_data_dir, open_store
 
@@ -98,12 +101,19 @@ async def mount_daemon(args: argparse.Namespace, mountpoint: str, data_dir: Path
 
 
 def _ready_reporter() -> Callable[[str], None]:
-    """Report to the waiting `artifactfs mount` (background form) once, then close the pipe."""
+    """Report once to whoever waits: the `artifactfs mount` that started this daemon (its
+    background form) over the pipe, and systemd (a Type=notify unit) when the mount is ready."""
     fd_text = os.environ.pop(READY_FD_ENV, None)
     fd = int(fd_text) if fd_text and fd_text.isdigit() else None
+    reported = False
 
     def report(message: str) -> None:
-        nonlocal fd
+        nonlocal fd, reported
+        if reported:
+            return
+        reported = True
+        if message.startswith("ready"):
+            systemd.notify(f"READY=1\nSTATUS={message}")
         if fd is None:
             return
         with contextlib.suppress(OSError):
@@ -186,12 +196,19 @@ def _child_argv(args: argparse.Namespace, mountpoint: str, data_dir: Path) -> li
 
 def _mount_in_background(args: argparse.Namespace, mountpoint: str, data_dir: Path) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
+    # Under systemd (a service, or the mount unit of an fstab line) the daemon keeps this
+    # process's stderr, the journal; elsewhere it has no terminal to write to.
+    to_journal = systemd.stderr_is_journal()
     log_path = data_dir / "mount.log"
+    log_name = "the journal" if to_journal else os.fspath(log_path)
     r, w = os.pipe()
     env = dict(os.environ, **{READY_FD_ENV: str(w)})
+    # systemd accepts readiness from the process it started, not from this child.
+    env.pop("NOTIFY_SOCKET", None)
     if args.token:
         env["ARTIFACTFS_TOKEN"] = args.token  # not on the command line, where ps shows it
-    with open(log_path, "ab") as log_file:
+    with contextlib.ExitStack() as stack:
+        log_file = sys.stderr if to_journal else stack.enter_context(open(log_path, "ab"))
         child = subprocess.Popen(
             _child_argv(args, mountpoint, data_dir), stdin=subprocess.DEVNULL,
             stdout=log_file, stderr=log_file, pass_fds=(w,), env=env, cwd="/",
@@ -204,7 +221,7 @@ def _mount_in_background(args: argparse.Namespace, mountpoint: str, data_dir: Pa
     if message.startswith("ready"):
         url = message.partition(" ")[2].strip()
         print(f"artifactfs: mounted {data_dir} at {mountpoint} (pid {child.pid}"
-              f"{', HTTP at ' + url if url.startswith('http') else ''}; log {log_path})",
+              f"{', HTTP at ' + url if url.startswith('http') else ''}; log {log_name})",
               file=sys.stderr)
         return 0
     try:
@@ -219,7 +236,7 @@ def _mount_in_background(args: argparse.Namespace, mountpoint: str, data_dir: Pa
             child.kill()
     reason = message.partition(" ")[2].strip() if message.startswith("error") else (
         "the daemon exited before the mount was ready")
-    print(f"artifactfs: {reason} (log: {log_path})", file=sys.stderr)
+    print(f"artifactfs: {reason} (log: {log_name})", file=sys.stderr)
     return 1
 
 
