@@ -15,6 +15,7 @@ gets ``workdir``, its own directory in one mount shared by the module (a mount t
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -162,6 +163,22 @@ def unmount(mount_point: Path, proc: subprocess.Popen[bytes] | None) -> None:
     if is_mounted(mount_point):
         subprocess.run(["fusermount3", "-u", "-z", os.fspath(mount_point)],
                        capture_output=True, check=False)
+
+
+def daemon_pid(data: Path) -> int | None:
+    """The pid of a daemon holding ``data`` (its lock file names it), if one still runs."""
+    try:
+        fd = os.open(data / "lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None  # nobody holds it
+    except BlockingIOError:
+        text = os.pread(fd, 32, 0).decode().strip()
+        return int(text) if text.isdigit() else None
+    finally:
+        os.close(fd)
 
 
 def check_can_mount() -> None:

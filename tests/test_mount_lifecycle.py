@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mountutil import check_can_mount, is_mounted, start_daemon, unmount
+from mountutil import check_can_mount, daemon_pid, is_mounted, start_daemon, unmount
 
 pytestmark = [pytest.mark.mount, pytest.mark.stock]
 
@@ -32,28 +32,10 @@ def places(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     mp.mkdir()
     yield mp, data
     unmount(mp, None)
-    pid = _daemon_pid(data)
+    pid = daemon_pid(data)
     if pid is not None:
         _end(pid)
     assert not is_mounted(mp)
-
-
-def _daemon_pid(data: Path) -> int | None:
-    """The pid of a daemon holding ``data`` (its lock file names it), if one still runs."""
-    import fcntl
-
-    try:
-        fd = os.open(data / "lock", os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return None  # nobody holds it
-    except BlockingIOError:
-        text = os.pread(fd, 32, 0).decode().strip()
-        return int(text) if text.isdigit() else None
-    finally:
-        os.close(fd)
 
 
 def _end(pid: int) -> None:
@@ -81,7 +63,7 @@ def test_background_mount_umount_and_remount(places: tuple[Path, Path]) -> None:
     r = artifactfs("umount", mp)
     assert r.returncode == 0, r.stderr
     assert not is_mounted(mp)
-    assert _daemon_pid(data) is None  # umount waited for the daemon to let the store go
+    assert daemon_pid(data) is None  # umount waited for the daemon to let the store go
     r = artifactfs("mount", mp, "--data", data)
     assert r.returncode == 0, r.stderr
     assert (mp / "kept.txt").read_bytes() == b"across mounts"
@@ -182,4 +164,4 @@ def test_http_address_in_use_is_a_clear_error(places: tuple[Path, Path]) -> None
         r = artifactfs("mount", mp, "--data", data, "--http", f"127.0.0.1:{port}")
     assert r.returncode != 0 and "Address already in use" in r.stderr, r.stderr
     assert not is_mounted(mp)
-    assert _daemon_pid(data) is None
+    assert daemon_pid(data) is None
