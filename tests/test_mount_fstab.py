@@ -23,7 +23,8 @@ from mountutil import IN_CI, check_can_mount, daemon_pid, free_port, is_mounted,
 from artifactfs.mount_helper import UsageError, parse, split_options
 from artifactfs.systemd import stderr_is_journal
 
-pytestmark = [pytest.mark.mount, pytest.mark.stock]
+# Only the tests that need no helper run on .venv-stock too: the helper runs .venv.
+pytestmark = pytest.mark.mount
 
 HELPER = Path("/sbin/mount.fuse.artifactfs")
 # What mount(8) gets from a boot script or systemd: no venv, no /usr/local.
@@ -145,6 +146,7 @@ def test_helper_options_map_to_mount_options(tmp_path: Path) -> None:
         parse(["/d"])
 
 
+@pytest.mark.stock
 def test_journal_stream_gets_the_log(places: tuple[Path, Path], tmp_path: Path) -> None:
     """With stderr the journal (JOURNAL_STREAM names it), the background daemon logs there,
     without its own time stamps, and DATA/mount.log is not written."""
@@ -181,6 +183,7 @@ def test_journal_stream_must_name_stderr(monkeypatch: pytest.MonkeyPatch) -> Non
     assert not stderr_is_journal()
 
 
+@pytest.mark.stock
 def test_foreground_notifies_systemd_when_ready(places: tuple[Path, Path], tmp_path: Path
                                                ) -> None:
     """Type=notify: READY=1 arrives once the mount answers; `umount` ends the daemon."""
