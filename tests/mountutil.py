@@ -189,6 +189,23 @@ def check_can_mount() -> None:
 
 
 @contextlib.contextmanager
+def mount_places(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A mount point and a data directory for a test that mounts them its own way; whatever
+    it leaves mounted is unmounted, and a background daemon it started (found by the pid in
+    its data directory's lock) is ended."""
+    check_can_mount()
+    mp, data = tmp_path / "mnt", tmp_path / "data"
+    mp.mkdir()
+    yield mp, data
+    unmount(mp, None)
+    pid = daemon_pid(data)
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    assert not is_mounted(mp)
+
+
+@contextlib.contextmanager
 def mounted(base: Path, *extra: str, http: bool = True,
             env: dict[str, str] | None = None) -> Iterator[Mount]:
     """A mount of a fresh data directory under ``base``; ``env`` is added to the daemon's

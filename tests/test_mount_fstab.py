@@ -8,7 +8,6 @@ from a file of the test's own (`mount -T`), so the machine's /etc/fstab is never
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from mountutil import IN_CI, check_can_mount, daemon_pid, free_port, is_mounted, unmount
+from mountutil import IN_CI, daemon_pid, free_port, is_mounted, mount_places, unmount
 
 from artifactfs.mount_helper import UsageError, parse, split_options
 from artifactfs.systemd import stderr_is_journal
@@ -51,18 +50,15 @@ def check_helper_installed() -> None:
 
 @pytest.fixture
 def places(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
-    """A mount point and a data directory; whatever a test leaves mounted is unmounted and
-    a daemon it leaves running is ended."""
-    check_can_mount()
+    with mount_places(tmp_path) as both:
+        yield both
+
+
+@pytest.fixture
+def system_places(places: tuple[Path, Path]) -> tuple[Path, Path]:
+    """For mount(8): the helper must be installed."""
     check_helper_installed()
-    mp, data = tmp_path / "mnt", tmp_path / "data"
-    mp.mkdir()
-    yield mp, data
-    unmount(mp, None)
-    pid = daemon_pid(data)
-    if pid is not None:
-        os.kill(pid, signal.SIGTERM)
-    assert not is_mounted(mp)
+    return places
 
 
 def wait_gone(pid: int, timeout: float = 30.0) -> bool:
@@ -92,8 +88,8 @@ def assert_works_then_umount(mp: Path, data: Path, port: int) -> None:
     assert f"{mp} was unmounted" in log and "Traceback" not in log, log
 
 
-def test_mount_t_and_umount(places: tuple[Path, Path]) -> None:
-    mp, data = places
+def test_mount_t_and_umount(system_places: tuple[Path, Path]) -> None:
+    mp, data = system_places
     port = free_port()
     r = system("mount", "-t", "fuse.artifactfs", data, mp, "-o", f"http=127.0.0.1:{port}")
     assert r.returncode == 0, r.stderr
@@ -101,8 +97,8 @@ def test_mount_t_and_umount(places: tuple[Path, Path]) -> None:
     assert_works_then_umount(mp, data, port)
 
 
-def test_fstab_line(places: tuple[Path, Path], tmp_path: Path) -> None:
-    mp, data = places
+def test_fstab_line(system_places: tuple[Path, Path], tmp_path: Path) -> None:
+    mp, data = system_places
     port = free_port()
     fstab = tmp_path / "fstab"
     # The options a real line carries for systemd and mount(8) are accepted and ignored.
@@ -119,9 +115,9 @@ def test_fstab_line(places: tuple[Path, Path], tmp_path: Path) -> None:
     ("ro", "read-write only"),
     ("token_file=/nonexistent/token", "cannot read /nonexistent/token"),
 ])
-def test_bad_option_mounts_nothing(places: tuple[Path, Path], options: str, said: str
+def test_bad_option_mounts_nothing(system_places: tuple[Path, Path], options: str, said: str
                                    ) -> None:
-    mp, data = places
+    mp, data = system_places
     r = system("mount", "-t", "fuse.artifactfs", data, mp, "-o", options)
     assert r.returncode != 0
     assert said in r.stderr, r.stderr

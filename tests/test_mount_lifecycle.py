@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mountutil import check_can_mount, daemon_pid, is_mounted, start_daemon, unmount
+from mountutil import daemon_pid, is_mounted, mount_places, start_daemon, unmount
 
 pytestmark = [pytest.mark.mount, pytest.mark.stock]
 
@@ -25,24 +25,8 @@ def artifactfs(*args: str | os.PathLike[str], timeout: float = 120
 
 @pytest.fixture
 def places(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
-    """A mount point and a data directory; whatever a test leaves mounted is unmounted, and a
-    background daemon it started (found by the pid in its data directory's lock) is ended."""
-    check_can_mount()
-    mp, data = tmp_path / "mnt", tmp_path / "data"
-    mp.mkdir()
-    yield mp, data
-    unmount(mp, None)
-    pid = daemon_pid(data)
-    if pid is not None:
-        _end(pid)
-    assert not is_mounted(mp)
-
-
-def _end(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+    with mount_places(tmp_path) as both:
+        yield both
 
 
 def test_background_mount_umount_and_remount(places: tuple[Path, Path]) -> None:
