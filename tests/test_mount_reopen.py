@@ -37,7 +37,7 @@ OPS_PER_RUN = 2000
 RUNS = 5 * SCALE  # 10,000 operations per mode; 100,000 at ARTIFACTFS_TORTURE_SCALE=10
 
 
-def run_exerciser(mnt: Path, disk: Path, *args: str) -> None:
+def run_exerciser(mnt: Path, disk: Path, *args: str) -> int:
     """Run tests/random_io.py in a child; a signal (SIGBUS on a mapped read) fails the test
     with the operations that led to it."""
     log = disk.with_name(disk.name + ".log")
@@ -49,6 +49,7 @@ def run_exerciser(mnt: Path, disk: Path, *args: str) -> None:
         pytest.fail(f"the exerciser died of signal {-r.returncode}; its last operations:\n"
                     + "\n".join(last) + "\n" + r.stderr[-2000:])
     assert r.returncode == 0, f"{r.stdout}{r.stderr[-2000:]}"
+    return int(r.stdout.split()[0])  # "N operations alike"
 
 
 @pytest.mark.parametrize("seed", range(RUNS))
@@ -57,7 +58,8 @@ def test_random_io_like_local_disk(mount: Mount, tmp_path: Path, seed: int) -> N
     --ops 2000 --shrink`` on a mount."""
     mnt = mount.path / "random_io" / f"seed{seed}"
     mnt.parent.mkdir(exist_ok=True)
-    run_exerciser(mnt, tmp_path / "disk", "--seed", str(seed), "--ops", str(OPS_PER_RUN))
+    ran = run_exerciser(mnt, tmp_path / "disk", "--seed", str(seed), "--ops", str(OPS_PER_RUN))
+    assert ran >= OPS_PER_RUN
 
 
 def rewrite_under_a_reader(d: Path, rewrite: str) -> tuple[bytes, bytes]:
@@ -140,4 +142,5 @@ def test_pinned_sequence(mount: Mount, tmp_path: Path, name: str) -> None:
     mnt.parent.mkdir(exist_ok=True)
     ops = tmp_path / "ops.json"
     ops.write_text(json.dumps(PINNED[name]))
-    run_exerciser(mnt, tmp_path / "disk", "--replay", os.fspath(ops))
+    ran = run_exerciser(mnt, tmp_path / "disk", "--replay", os.fspath(ops))
+    assert ran >= len(PINNED[name]), "operations of the sequence were skipped"
